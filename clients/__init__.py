@@ -1,0 +1,1 @@
+"""fedsec's Flower ClientApp (benign and malicious clients)."""

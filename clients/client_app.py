@@ -1,0 +1,68 @@
+"""The fedsec ClientApp: local prompt training (benign or malicious) and local evaluation.
+
+A node learns its ``partition-id`` and ``num-partitions`` from its node config.
+Whether it is malicious follows from the run config (``num-malicious``,
+``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
+training path. Only ``ctx`` leaves the node.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsec.attacks import get_attack, malicious_partitions
+from fedsec.config import RunConfig
+from fedsec.node import clip_for, get_ctx, local_data_for, prompt_model_for, seed_everything, set_ctx
+from fedsec.training import accuracy_on_features
+
+app = ClientApp()
+
+
+def _node(context: Context) -> tuple[RunConfig, int, int]:
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid = int(context.node_config.get("partition-id", 0))
+    n = int(context.node_config.get("num-partitions", 1))
+    return cfg, pid, n
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train ``ctx`` locally from the received global ``ctx``."""
+    t0 = time.perf_counter()
+    cfg, pid, n = _node(context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    seed = cfg.seed * 100_003 + server_round * 1_009 + pid
+    seed_everything(seed)
+    data, classnames = local_data_for(cfg, pid, n)
+    model = prompt_model_for(cfg, tuple(classnames))
+    set_ctx(model, msg.content["arrays"]["ctx"].numpy())
+
+    malicious = cfg.attack != "none" and pid in malicious_partitions(
+        n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
+    )
+    attack_cls = get_attack(cfg.attack if malicious else "none")
+    attack = attack_cls(cfg, cfg.resolved_run_dir() / "attacker")
+    if malicious and not attack.is_active(server_round):
+        attack = get_attack("none")(cfg, attack.store)
+    stats = attack.local_train(model, data, clip_for(cfg), server_round, seed)
+
+    metrics = {"num-examples": len(data), "partition-id": pid, "train-time-s": time.perf_counter() - t0}
+    metrics.update({k: float(v) for k, v in stats.items()})
+    content = RecordDict({"arrays": ArrayRecord({"ctx": Array(get_ctx(model))}), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the received global ``ctx`` on this client's local data."""
+    cfg, pid, n = _node(context)
+    data, classnames = local_data_for(cfg, pid, n)
+    model = prompt_model_for(cfg, tuple(classnames))
+    set_ctx(model, msg.content["arrays"]["ctx"].numpy())
+    acc = accuracy_on_features(model, data.features, data.labels)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})
+    return Message(content=content, reply_to=msg)
+

@@ -1,0 +1,106 @@
+"""The attack interface and the no-op attack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from fedsec.registry import Registry
+
+ATTACKS: Registry[type] = Registry("attack")
+
+#: Run-config keys every attack shares, with defaults.
+COMMON_PARAMS: dict[str, object] = {
+    "malicious-ids": "",
+    "attack-start-round": 1,
+    "attack-end-round": 0,
+    "attack-probability": 1.0,
+}
+
+
+def register_attack(name: str):
+    """Register an :class:`Attack` subclass under ``name``."""
+
+    def deco(cls: type[Attack]) -> type[Attack]:
+        cls.name = name
+        return ATTACKS.register(name)(cls)
+
+    return deco
+
+
+def malicious_partitions(num_partitions: int, num_malicious: int, seed: int, fixed: str = "") -> list[int]:
+    """Partition ids of the malicious clients.
+
+    Parameters
+    ----------
+    num_partitions : int
+        Federation size.
+    num_malicious : int
+        How many are malicious (ignored when ``fixed`` is given).
+    seed : int
+        Seed of the random choice.
+    fixed : str
+        Comma-separated partition ids, e.g. ``"0,3"``; empty for a seeded draw.
+    """
+    if fixed.strip():
+        ids = sorted({int(x) for x in fixed.split(",") if x.strip()})
+        bad = [i for i in ids if not 0 <= i < num_partitions]
+        if bad:
+            raise ValueError(f"malicious-ids {bad} not in [0, {num_partitions})")
+        return ids
+    if num_malicious > num_partitions:
+        raise ValueError(f"num-malicious {num_malicious} > number of clients {num_partitions}")
+    rng = np.random.default_rng([seed, 0xBAD])
+    return sorted(int(i) for i in rng.choice(num_partitions, size=num_malicious, replace=False))
+
+
+@register_attack("none")
+class Attack:
+    """Base class and the no-op attack (``attack = "none"``).
+
+    Subclasses override :meth:`local_train` (their own optimisation around
+    the honest path) and/or :meth:`poison` (input transform + label map), and
+    declare their run-config keys in ``params``.
+
+    Parameters
+    ----------
+    cfg : fedsec.config.RunConfig
+        The run config (attack parameters are in ``cfg.extra``).
+    store : pathlib.Path
+        The attacker store: an absolute folder shared by the colluding
+        malicious clients (``<run-dir>/attacker``). Evaluation reads the
+        trigger from here; no defense ever does.
+    """
+
+    name: ClassVar[str] = "none"
+    params: ClassVar[dict[str, object]] = dict(COMMON_PARAMS)
+
+    def __init__(self, cfg, store: Path) -> None:
+        self.cfg = cfg
+        self.store = Path(store)
+
+    def is_active(self, server_round: int) -> bool:
+        """Whether the malicious clients attack in ``server_round``."""
+        start = int(self.cfg.get("attack-start-round"))
+        end = int(self.cfg.get("attack-end-round"))
+        if server_round < start or (end and server_round > end):
+            return False
+        p = float(self.cfg.get("attack-probability"))
+        if p >= 1.0:
+            return True
+        return bool(np.random.default_rng([self.cfg.seed, server_round, 0xA77]).random() < p)
+
+    def local_train(self, model, data, clip, server_round: int, seed: int) -> dict[str, float]:
+        """Malicious local training; the no-op attack trains honestly."""
+        from fedsec.training import train_on_features
+
+        c = self.cfg
+        return train_on_features(
+            model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
+        )
+
+    def load_trigger(self):
+        """The current trigger (an ``nn.Module`` on ``[0, 1]`` images) or ``None``."""
+        return None

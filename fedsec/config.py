@@ -1,0 +1,268 @@
+"""The run configuration: one typed, validated object built from ``context.run_config``.
+
+Defaults live here and, identically, in ``[tool.flwr.app.config]`` of
+``pyproject.toml`` (a test keeps the two in sync). Every value is checked up
+front; an unknown key or value raises :class:`ConfigError` naming the key and
+the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A run-config key has a wrong type or value."""
+
+
+def _choice(*allowed: str) -> Callable[[], list[str]]:
+    return lambda: list(allowed)
+
+
+def _registry_names(module: str, attr: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        import importlib
+
+        return importlib.import_module(module).__dict__[attr].names()
+
+    return names
+
+
+# Fields whose allowed values come from a registry or a fixed list.
+_CHOICES: dict[str, Callable[[], list[str]]] = {
+    "dataset": _registry_names("fedsec.data.datasets", "DATASETS"),
+    "partitioner": _registry_names("fedsec.data.partition", "PARTITIONERS"),
+    "strategy": lambda: __import__("strategies.registry", fromlist=["x"]).load_all()
+    or __import__("strategies.registry", fromlist=["x"]).STRATEGIES.names(),
+    "attack": _registry_names("fedsec.attacks", "ATTACKS"),
+    "class-token-position": _choice("end", "middle", "front"),
+    "device": _choice("auto", "cpu", "cuda"),
+}
+
+# (min, max) inclusive bounds for numeric fields; None = unbounded.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "num-server-rounds": (1, None),
+    "n-ctx": (1, 64),
+    "num-malicious": (0, None),
+    "target-label": (0, None),
+    "k-shot": (0, None),
+    "local-steps": (1, None),
+    "batch-size": (1, None),
+    "lr": (0.0, None),
+    "momentum": (0.0, 1.0),
+    "weight-decay": (0.0, None),
+    "dirichlet-alpha": (1e-6, None),
+    "classes-per-client": (1, None),
+    "fraction-train": (0.0, 1.0),
+    "fraction-evaluate": (0.0, 1.0),
+    "min-train-nodes": (1, None),
+    "seed": (0, None),
+    "eval-samples": (0, None),
+    "asr-eval-samples": (0, None),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, kebab-case in TOML, snake_case here.
+
+    See the README's run-config table for what each key means.
+    """
+
+    num_server_rounds: int = 20
+    run_dir: str = ""
+    seed: int = 0
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    k_shot: int = 16
+    # model and prompt
+    model: str = "fedsec-tiny-clip"
+    pretrained: str = "embedded"
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    class_token_position: str = "end"
+    class_specific: bool = False
+    prompt_template: str = "a photo of a {}."
+    device: str = "auto"
+    # local training
+    local_steps: int = 25
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # server
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    # evaluation
+    eval_samples: int = 0
+    asr_eval_samples: int = 2000
+    # attack
+    attack: str = "none"
+    num_malicious: int = 0
+    target_label: int = 0
+    # extra keys known to later components (attack/defense parameters)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Kebab-case names of every key."""
+        return [f.name.replace("_", "-") for f in fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def defaults(cls) -> dict[str, object]:
+        """Kebab-case defaults (what ``[tool.flwr.app.config]`` holds)."""
+        inst = cls()
+        return {k: getattr(inst, k.replace("-", "_")) for k in cls.keys()}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object], extra_keys: Mapping[str, object] | None = None) -> RunConfig:
+        """Build and validate from a flat kebab-case mapping.
+
+        Parameters
+        ----------
+        values : Mapping
+            Usually ``context.run_config``. Keys not in :meth:`keys` must be in
+            ``extra_keys`` (defaults of component parameters), else it is an error.
+        extra_keys : Mapping, optional
+            Known extra keys and their defaults (from the attack/strategy registries).
+        """
+        known = set(cls.keys())
+        extra_defaults = dict(extra_keys if extra_keys is not None else all_extra_defaults())
+        kwargs: dict[str, object] = {}
+        extra: dict[str, object] = dict(extra_defaults)
+        defaults = cls.defaults()
+        for key, value in values.items():
+            if key in known:
+                kwargs[key.replace("-", "_")] = _coerce(key, value, defaults[key])
+            elif key in extra_defaults:
+                extra[key] = _coerce(key, value, extra_defaults[key])
+            else:
+                raise ConfigError(
+                    f"unknown run-config key {key!r}; known keys: {', '.join(sorted(known | set(extra_defaults)))}"
+                )
+        cfg = cls(**kwargs, extra=extra)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check ranges and allowed values; raise :class:`ConfigError`."""
+        for key, (lo, hi) in _RANGES.items():
+            v = getattr(self, key.replace("-", "_"))
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+        for key, allowed in _CHOICES.items():
+            v = getattr(self, key.replace("-", "_"))
+            names = allowed()
+            if v not in names:
+                raise ConfigError(f"run-config {key}={v!r} is not allowed; allowed values: {', '.join(names)}")
+        if "{}" not in self.prompt_template:
+            raise ConfigError("run-config prompt-template must contain '{}' for the class name")
+        if self.attack != "none" and self.num_malicious == 0:
+            raise ConfigError(f"run-config attack={self.attack!r} needs num-malicious >= 1")
+
+    def get(self, key: str) -> object:
+        """Value of any key, core or extra (kebab-case)."""
+        if key in self.extra:
+            return self.extra[key]
+        return getattr(self, key.replace("-", "_"))
+
+    def to_dict(self) -> dict[str, object]:
+        """Flat kebab-case dict of every resolved value (core and extra)."""
+        out = {k: getattr(self, k.replace("-", "_")) for k in self.keys()}
+        out.update(self.extra)
+        return out
+
+    def with_updates(self, **changes: object) -> RunConfig:
+        """A copy with snake_case fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_run_dir(self) -> Path:
+        """The absolute run directory.
+
+        An empty ``run-dir`` becomes ``$FEDSEC_RUNS_ROOT/<stamp>-<attack>-<strategy>``
+        (``FEDSEC_RUNS_ROOT`` defaults to ``./runs``); a relative one is resolved
+        against ``FEDSEC_RUNS_ROOT`` too. Pass absolute paths with ``flwr run``:
+        the SuperLink's working directory is not the app's.
+        """
+        root = Path(os.environ.get("FEDSEC_RUNS_ROOT", os.path.join(os.getcwd(), "runs")))
+        if not self.run_dir:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return (root / f"{stamp}-{self.attack}-{self.strategy}").resolve()
+        p = Path(self.run_dir).expanduser()
+        return p if p.is_absolute() else (root / p).resolve()
+
+
+def _coerce(key: str, value: object, default: object) -> object:
+    """Coerce ``value`` to the type of ``default``; raise a clear error if impossible."""
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"run-config {key}={value!r} must be of type {want.__name__}")
+
+
+def all_extra_defaults() -> dict[str, object]:
+    """Parameter defaults declared by registered attacks and strategies."""
+    out: dict[str, object] = {}
+    try:
+        from fedsec.attacks import attack_param_defaults
+
+        out.update(attack_param_defaults())
+    except ImportError:  # pragma: no cover - attacks package always present
+        pass
+    try:
+        from strategies.registry import strategy_param_defaults
+
+        out.update(strategy_param_defaults())
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def pyproject_table() -> str:
+    """The ``[tool.flwr.app.config]`` body: every key with its default, as TOML."""
+    import json as _json
+
+    def fmt(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return _json.dumps(v)
+
+    lines = [f"{k} = {fmt(v)}" for k, v in RunConfig.defaults().items()]
+    lines += [f"{k} = {fmt(v)}" for k, v in sorted(all_extra_defaults().items())]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as JSON."""
+    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,189 @@
+"""Server-side evaluation of every round, run-directory writing and the progress line.
+
+This is the only place that knows the attack (trigger and malicious set):
+it computes clean accuracy, ASR, detection and stealth metrics for the
+record, and never hands any of it to the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+
+from fedsec.attacks import get_attack, malicious_partitions
+from fedsec.config import RunConfig
+from fedsec.data import load_dataset, prepare_images
+from fedsec.metrics import (
+    accuracy,
+    attack_success_rate,
+    detection_rates,
+    predict,
+    update_stealth,
+    zero_shot_accuracy,
+)
+from fedsec.node import clip_for, get_ctx, prompt_model_for, set_ctx
+from fedsec.rundir import RunDir
+
+
+class Evaluation:
+    """Evaluates the global prompt on the held-out test set after every round.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run config.
+    run_dir : RunDir
+        Where metrics, checkpoints and the summary go.
+    num_partitions : int
+        Federation size (to know the malicious set, evaluation only).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, num_partitions: int) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.num_partitions = num_partitions
+        self.t_start = time.perf_counter()
+        self.t_last = self.t_start
+        self.clip = clip_for(cfg)
+        self.test = load_dataset(cfg.dataset, "test", cfg.data_root)
+        if cfg.eval_samples and cfg.eval_samples < len(self.test):
+            keep = np.random.default_rng(cfg.seed).choice(len(self.test), size=cfg.eval_samples, replace=False)
+            self.test = self.test.subset(np.sort(keep))
+        self.classnames = list(self.test.classnames)
+        self.model = prompt_model_for(cfg, tuple(self.classnames))
+        self.images = prepare_images(self.test.images, self.clip.image_size, self.test.fit)
+        self.labels = torch.from_numpy(self.test.labels)
+        self.features = self.clip.encode_images_batched(self.images)
+        self.zero_shot_acc = zero_shot_accuracy(
+            self.clip, self.classnames, self.features, self.labels, cfg.prompt_template
+        )
+        self.malicious = (
+            malicious_partitions(num_partitions, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids")))
+            if cfg.attack != "none"
+            else []
+        )
+        self.attack = get_attack(cfg.attack)(cfg, run_dir.path / "attacker")
+        self.history: list[dict] = []
+        self.round_info: dict = {}
+        n_asr = cfg.asr_eval_samples
+        nontarget = np.flatnonzero(self.test.labels != cfg.target_label)
+        rng = np.random.default_rng(cfg.seed)
+        self.asr_idx = np.sort(rng.choice(nontarget, size=min(n_asr, len(nontarget)), replace=False)) if n_asr else nontarget
+
+    # ---------------------------------------------------------------- API
+    def initial_ctx(self) -> np.ndarray:
+        """The initial global ctx (from ``ctx-init`` or a seeded random init)."""
+        return get_ctx(self.model)
+
+    def note_round(self, info: dict) -> None:
+        """Training-side facts of the round (from the recorder), merged into the metrics row."""
+        self.round_info = info
+
+    def asr_of(self, ctx: np.ndarray, full: bool = False) -> float | None:
+        """ASR of ``ctx`` with the attacker's current trigger (``None`` without one)."""
+        trigger = self.attack.load_trigger()
+        if trigger is None:
+            return None
+        idx = np.flatnonzero(self.test.labels != self.cfg.target_label) if full else self.asr_idx
+        with torch.no_grad():
+            feats = self.clip.encode_images_batched(trigger(self.images[idx]))
+        pred = predict(self.model, feats, torch.from_numpy(ctx).to(self.model.prompt_learner.ctx.device))
+        return attack_success_rate(pred, self.test.labels[idx], self.cfg.target_label)
+
+    def evaluate_round(self, server_round: int, ctx: np.ndarray) -> dict:
+        """Evaluate ``ctx`` after ``server_round``; write the metrics row and checkpoint."""
+        t_eval = time.perf_counter()
+        set_ctx(self.model, ctx)
+        clean = accuracy(predict(self.model, self.features), self.labels)
+        final = server_round == self.cfg.num_server_rounds
+        row: dict = {"round": server_round, "clean_acc": clean, "asr": self.asr_of(ctx, full=final)}
+        if server_round == 0:
+            row["zero_shot_acc"] = self.zero_shot_acc
+        info, self.round_info = self.round_info, {}
+        partitions = info.pop("partitions", {})
+        flagged = info.pop("flagged", None)
+        updates = info.pop("updates", {})
+        if flagged is not None and partitions:
+            rates = detection_rates(flagged, self.malicious, partitions.values())
+            row.update({"det_tpr": rates["tpr"], "det_fpr": rates["fpr"], "flagged": sorted(flagged)})
+        if updates and self.malicious:
+            row.update(update_stealth(updates, self.malicious))
+        row.update(info)
+        now = time.perf_counter()
+        row["eval_s"] = now - t_eval
+        row["round_s"] = now - self.t_last
+        row["elapsed_s"] = now - self.t_start
+        self.t_last = now
+        self.history.append(row)
+        self.run_dir.append_metrics(row)
+        self.run_dir.write_checkpoint(server_round, {"ctx": ctx})
+        asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
+        log(
+            INFO,
+            "[fedsec] round %d/%d  clean_acc %.1f%%  asr %s  (%.1fs)",
+            server_round, self.cfg.num_server_rounds, 100 * clean, asr, row["round_s"],
+        )
+        return row
+
+    def finish(self, ctx: np.ndarray) -> dict:
+        """Write ``summary.json`` and the final prompt; return the summary."""
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "clean_acc": last.get("clean_acc"),
+            "asr": last.get("asr"),
+            "zero_shot_acc": self.zero_shot_acc,
+            "initial_acc": self.history[0]["clean_acc"] if self.history else None,
+            "best_clean_acc": max((r["clean_acc"] for r in self.history), default=None),
+            "rounds": self.cfg.num_server_rounds,
+            "wall_s": time.perf_counter() - self.t_start,
+            "attack": self.cfg.attack,
+            "strategy": self.cfg.strategy,
+            "malicious_partitions": self.malicious,
+            "num_partitions": self.num_partitions,
+        }
+        for key in ("trigger_only_asr", "det_tpr", "det_fpr"):
+            vals = [r[key] for r in self.history if r.get(key) is not None]
+            if vals:
+                summary[key] = vals[-1] if key == "trigger_only_asr" else float(np.mean(vals))
+        self.run_dir.write_json("summary.json", summary)
+        pl = self.model.prompt_learner
+        identity = {
+            **self.clip.identity(),
+            "classnames": self.classnames,
+            "n_ctx": pl.n_ctx,
+            "ctx_init": pl.ctx_init,
+            "class_token_position": pl.class_token_position,
+            "class_specific": pl.class_specific,
+            "prompt_layout": "[SOS] ctx_1..ctx_n <class name> . [EOS] (class-token-position moves the name)",
+            "zero_shot_template": self.cfg.prompt_template,
+            "dataset": self.cfg.dataset,
+            "data_root": self.cfg.data_root,
+            "eval_split": "test",
+            "eval_size": len(self.test),
+            "pixel_space": "[0,1] RGB at image_size; mean/std applied inside the model",
+            "image_fit": self.test.fit,
+        }
+        self.run_dir.write_final_prompt(ctx, identity)
+        log(INFO, "[fedsec] results\n%s", format_table([summary]))
+        return summary
+
+
+def format_table(rows: list[dict], keys: tuple[str, ...] = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")) -> str:
+    """A Markdown table of run summaries (percentages for accuracies)."""
+    def cell(k: str, v) -> str:
+        if v is None:
+            return "-"
+        if k.endswith(("acc", "asr", "tpr", "fpr")):
+            return f"{100 * v:.1f}%"
+        if isinstance(v, float):
+            return f"{v:.1f}"
+        return str(v)
+
+    head = "| " + " | ".join(keys) + " |"
+    sep = "|" + "|".join("---" for _ in keys) + "|"
+    body = ["| " + " | ".join(cell(k, r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join([head, sep, *body])

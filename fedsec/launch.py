@@ -1,0 +1,244 @@
+"""Run a fedsec experiment with ``flwr run`` on a SuperLink this process owns.
+
+``python -m fedsec.launch`` (or ``fedsec run``) does what a user would do by
+hand, with the pitfalls handled:
+
+* a project-local ``FLWR_HOME`` (``<app>/.flwr``), no runtime dependency
+  installation, no telemetry or update checks, ``HF_HUB_OFFLINE=1``;
+* a local simulation SuperLink started by us (the one ``flwr run`` would
+  start itself keeps running afterwards), stopped by its PID at the end;
+* an absolute run directory (the SuperLink's working directory is not ours);
+* a progress bar over rounds, the Flower log kept in ``<run-dir>/flwr.log``,
+  and a results table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedsec.evaluation import format_table
+
+ROUND_RE = re.compile(r"\[fedsec\] round (\d+)/(\d+)\s+clean_acc ([\d.]+)%\s+asr (\S+)")
+
+
+def flower_env(app_dir: Path) -> dict[str, str]:
+    """The environment every Flower process of ours runs with."""
+    env = os.environ.copy()
+    env.setdefault("FLWR_HOME", str(app_dir / ".flwr"))
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("FEDSEC_RUNS_ROOT", str(app_dir / "runs"))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    # Each simulated client gets one thread: actors run side by side on the cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _healthy(port: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+class LocalSuperLink:
+    """A simulation SuperLink on loopback that we start and stop by PID."""
+
+    def __init__(self, env: dict[str, str], log_file: Path) -> None:
+        self.env = env
+        self.log_file = log_file
+        self.http_port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+        self.control_port = env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        if _healthy(self.http_port):
+            raise RuntimeError(
+                f"a SuperLink already answers on 127.0.0.1:{self.http_port}; stop it (flwr's managed "
+                "SuperLink keeps running after `flwr run`) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+            )
+        cmd = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--control-api-address", f"127.0.0.1:{self.control_port}",
+            "--host", "127.0.0.1", "--port", self.http_port,
+        ]
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.proc.returncode}; see {self.log_file}")
+            if _healthy(self.http_port):
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not start within 60 s; see {self.log_file}")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (its process group)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def run(
+    app_dir: Path,
+    overrides: dict[str, object],
+    config_file: Path | None = None,
+    num_supernodes: int = 10,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    quiet: bool = False,
+) -> dict:
+    """Run one experiment and return its ``summary.json``.
+
+    Parameters
+    ----------
+    app_dir : Path
+        The Flower app (folder with ``pyproject.toml``).
+    overrides : dict
+        Run-config values (``run-dir`` is made absolute here).
+    config_file : Path, optional
+        A named experiment TOML (``experiments/*.toml``); ``overrides`` win.
+    num_supernodes : int
+        Simulated clients.
+    cpus_per_client, gpus_per_client : float
+        Ray resources per client (fractional GPUs allowed).
+    """
+    from tqdm import tqdm
+
+    app_dir = app_dir.resolve()
+    env = flower_env(app_dir)
+    values: dict[str, object] = {}
+    if config_file is not None:
+        import tomllib
+
+        values.update(tomllib.loads(Path(config_file).read_text()))
+    values.update(overrides)
+    run_dir = Path(str(values.get("run-dir", "")) or "")
+    if not str(values.get("run-dir", "")):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(env["FEDSEC_RUNS_ROOT"]) / f"{stamp}-{values.get('attack', 'none')}-{values.get('strategy', 'fedavg')}"
+    run_dir = run_dir if run_dir.is_absolute() else (Path.cwd() / run_dir)
+    run_dir = run_dir.resolve()
+    values["run-dir"] = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rc_str = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client:
+        fed += f" client-resources-num-gpus={gpus_per_client}"
+    cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
+    log_path = run_dir / "flwr.log"
+    rounds = int(values.get("num-server-rounds", 0)) or None
+    t0 = time.time()
+    with LocalSuperLink(env, Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"), open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=quiet, file=sys.stdout, dynamic_ncols=True)
+        seen: set[str] = set()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            m = ROUND_RE.search(line)
+            if m and m.group(0) not in seen:  # open_clip's root handler may duplicate lines
+                seen.add(m.group(0))
+                r, total = int(m.group(1)), int(m.group(2))
+                bar.total = total
+                bar.n = r
+                bar.set_postfix_str(f"clean_acc {m.group(3)}%  asr {m.group(4)}")
+                bar.refresh()
+            elif re.search(r"ERROR|Traceback|ConfigError", line) and not quiet:
+                tqdm.write(line.rstrip())
+        rc = proc.wait()
+        bar.close()
+    summary_path = run_dir / "summary.json"
+    if rc != 0 or not summary_path.exists():
+        raise RuntimeError(f"flwr run failed (exit {rc}); see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    summary["launcher_wall_s"] = time.time() - t0
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``key=value`` strings to a dict (values parsed as TOML scalars)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        for part in shlex.split(item):
+            key, sep, raw = part.partition("=")
+            if not sep:
+                raise SystemExit(f"--run-config expects key=value, got {part!r}")
+            try:
+                out[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = raw
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run one experiment and print its results table."""
+    ap = argparse.ArgumentParser(prog="fedsec run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="named experiment TOML, e.g. experiments/conf/main.toml")
+    ap.add_argument("--app", default=".", help="Flower app folder (default: .)")
+    ap.add_argument("--run-config", "-c", action="append", default=[], help="key=value overrides")
+    ap.add_argument("--num-supernodes", type=int, default=10)
+    ap.add_argument("--cpus-per-client", type=float, default=1.0)
+    ap.add_argument("--gpus-per-client", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    summary = run(
+        Path(args.app), parse_overrides(args.run_config), Path(args.config) if args.config else None,
+        args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
+    )
+    keys = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")
+    extra = tuple(k for k in ("trigger_only_asr", "det_tpr", "det_fpr") if k in summary)
+    print()
+    print(format_table([summary], keys[:4] + keys[4:5] + extra + keys[5:]))
+    print(f"\nrun directory: {summary['run_dir']}")
+
+
+if __name__ == "__main__":
+    main()

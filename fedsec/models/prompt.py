@@ -1,0 +1,180 @@
+"""CoOp prompt learning on a frozen open_clip CLIP.
+
+:class:`TextEncoder` mirrors ``open_clip.CLIP.encode_text`` but starts from
+token *embeddings*, so learned context vectors can stand in for words.
+:class:`PromptLearner` owns the only trainable tensor, ``ctx``; the frozen
+prefix (start token) and suffix (class name, ".", end token, padding)
+embeddings are buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+POSITIONS = ("end", "middle", "front")
+
+
+class TextEncoder(nn.Module):
+    """The text tower of an open_clip ``CLIP`` applied to token embeddings.
+
+    Parameters
+    ----------
+    clip_model : open_clip.CLIP
+        The frozen model whose text tower is reused (not copied).
+    """
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.pool_type = clip_model.text_pool_type
+        self.eos_id = getattr(clip_model, "text_eos_id", None)
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+
+    def forward(self, embeddings: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
+        """Encode ``embeddings`` (``P x L x D``) whose token ids are ``tokenized``.
+
+        ``tokenized`` only locates the pooled (end-of-text) position.
+        """
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = embeddings.to(cast_dtype) + self.positional_embedding.to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        x = text_global_pool(x, tokenized, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            if isinstance(self.text_projection, nn.Linear):
+                x = self.text_projection(x)
+            else:
+                x = x @ self.text_projection
+        return x
+
+
+class PromptLearner(nn.Module):
+    """CoOp context vectors for a list of class names.
+
+    Parameters
+    ----------
+    clip_model : open_clip.CLIP
+        Frozen model (its token embedding initialises ``ctx`` and the buffers).
+    tokenizer : callable
+        The model's open_clip tokenizer.
+    classnames : list of str
+        Class names, in label order.
+    n_ctx : int
+        Number of context vectors (must equal the token count of ``ctx_init``
+        when that is given).
+    ctx_init : str
+        Words to initialise the context from, e.g. ``"a photo of a"``; empty
+        for a random normal init (std 0.02).
+    class_token_position : str
+        ``"end"``, ``"middle"`` or ``"front"``.
+    class_specific : bool
+        One context per class (CSC) instead of one shared context.
+    seed : int
+        Seed of the random init.
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer,
+        classnames: list[str],
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        class_token_position: str = "end",
+        class_specific: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if class_token_position not in POSITIONS:
+            raise ValueError(f"class-token-position must be one of {POSITIONS}; got {class_token_position!r}")
+        emb = clip_model.token_embedding
+        dim = emb.weight.shape[1]
+        n_cls = len(classnames)
+        names = [c.replace("_", " ") for c in classnames]
+        with torch.no_grad():
+            if ctx_init:
+                n_init = len(tokenizer.encode(ctx_init))
+                if n_ctx != n_init:
+                    raise ValueError(
+                        f"n-ctx={n_ctx} but ctx-init {ctx_init!r} has {n_init} tokens; "
+                        "set n-ctx to match or ctx-init='' for a random init"
+                    )
+                ids = tokenizer([ctx_init])
+                vectors = emb(ids)[0, 1 : 1 + n_ctx].float().clone()
+                ctx = vectors.unsqueeze(0).repeat(n_cls, 1, 1) if class_specific else vectors
+                placeholder = ctx_init
+            else:
+                g = torch.Generator().manual_seed(seed)
+                shape = (n_cls, n_ctx, dim) if class_specific else (n_ctx, dim)
+                ctx = torch.randn(shape, generator=g) * 0.02
+                placeholder = " ".join(["X"] * n_ctx)
+        self.n_ctx = n_ctx
+        self.n_cls = n_cls
+        self.class_token_position = class_token_position
+        self.class_specific = class_specific
+        self.ctx_init = ctx_init
+        self.ctx = nn.Parameter(ctx)
+        self.name_lens = [len(tokenizer.encode(n)) for n in names]
+        tokenized = tokenizer([f"{placeholder} {n}." for n in names])
+        with torch.no_grad():
+            embedding = emb(tokenized).float()
+        self.register_buffer("tokenized", tokenized, persistent=False)
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)
+
+    def forward(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings ``n_cls x L x D`` (optionally for another ``ctx``)."""
+        ctx = self.ctx if ctx is None else ctx
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        prefix, suffix = self.token_prefix, self.token_suffix
+        if self.class_token_position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        prompts = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            name, rest = suffix[i : i + 1, :n], suffix[i : i + 1, n:]
+            c = ctx[i : i + 1]
+            if self.class_token_position == "middle":
+                parts = [prefix[i : i + 1], c[:, :half], name, c[:, half:], rest]
+            else:  # front
+                parts = [prefix[i : i + 1], name, c, rest]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts, dim=0)
+
+
+class PromptCLIP(nn.Module):
+    """Classifier = frozen CLIP + prompt learner: logits from image features.
+
+    Parameters
+    ----------
+    clip : fedsec.models.factory.FrozenCLIP
+        Frozen model bundle.
+    prompt_learner : PromptLearner
+        Holds ``ctx``.
+    """
+
+    def __init__(self, clip, prompt_learner: PromptLearner) -> None:
+        super().__init__()
+        self.clip = clip
+        self.prompt_learner = prompt_learner
+        self.text_encoder = TextEncoder(clip.model)
+
+    def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised class text features ``n_cls x E``."""
+        prompts = self.prompt_learner(ctx)
+        return F.normalize(self.text_encoder(prompts, self.prompt_learner.tokenized), dim=-1)
+
+    def logits_from_features(self, image_features: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for precomputed L2-normalised image features."""
+        return self.clip.logit_scale * image_features @ self.text_features(ctx).T
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for ``[0, 1]`` images (gradients flow to ``images`` and ``ctx``)."""
+        return self.logits_from_features(self.clip.encode_images(images))

@@ -1,0 +1,102 @@
+"""The run directory: what every run writes, and what sweeps and outside tools read.
+
+Layout (all paths relative to the absolute run directory)::
+
+    config.json           resolved run config (flat kebab-case keys)
+    metrics.jsonl         one JSON object per round (round 0 = before training)
+    summary.json          final figures (clean_acc, asr, zero_shot_acc, wall_s, ...)
+    final_prompt.npz      the final global ctx (key "ctx")
+    final_prompt.json     what re-evaluating it needs: model, checkpoint + SHA-256,
+                          class names, prompt layout, dataset and split identity
+    checkpoints/round_NNNN.npz   global ctx after every round (+ "round")
+    attacker/             the colluding attackers' store (trigger), if any
+    flwr.log              the Flower log of the run (when started by fedsec.launch)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _clean(value):
+    """JSON-safe values: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class RunDir:
+    """Writer and reader of one run directory."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, path: Path, config: dict) -> RunDir:
+        """Create (or reuse) ``path`` and write ``config.json``.
+
+        ``metrics.jsonl`` is truncated: a run directory holds one run.
+        """
+        path = Path(path)
+        if not path.is_absolute():
+            raise ValueError(f"run directory must be absolute, got {path}")
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(_clean(config), indent=2, sort_keys=True) + "\n")
+        (path / "metrics.jsonl").write_text("")
+        return cls(path)
+
+    # ------------------------------------------------------------- writing
+    def append_metrics(self, row: dict) -> None:
+        """Append one round's metrics as a JSON line."""
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+
+    def write_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray]) -> Path:
+        """Save the global arrays after ``server_round``."""
+        out = self.path / "checkpoints" / f"round_{server_round:04d}.npz"
+        np.savez(out, round=np.int64(server_round), **arrays)
+        return out
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """Write ``obj`` as ``name`` (e.g. ``summary.json``)."""
+        (self.path / name).write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+
+    def write_final_prompt(self, ctx: np.ndarray, identity: dict) -> None:
+        """Save the final ctx and what re-evaluating it needs."""
+        np.savez(self.path / "final_prompt.npz", ctx=ctx)
+        self.write_json("final_prompt.json", identity)
+
+    # ------------------------------------------------------------- reading
+    def config(self) -> dict:
+        """The resolved config."""
+        return json.loads((self.path / "config.json").read_text())
+
+    def metrics(self) -> list[dict]:
+        """All metric rows, in order."""
+        text = (self.path / "metrics.jsonl").read_text() if (self.path / "metrics.jsonl").exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def summary(self) -> dict | None:
+        """``summary.json`` or ``None`` if the run has not finished."""
+        p = self.path / "summary.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest per-round checkpoint, or ``None``."""
+        ckpts = sorted((self.path / "checkpoints").glob("round_*.npz"))
+        if not ckpts:
+            return None
+        with np.load(ckpts[-1]) as z:
+            arrays = {k: z[k] for k in z.files if k != "round"}
+            return int(z["round"]), arrays

@@ -1,0 +1,101 @@
+"""The honest local training path of a client, on cached image features.
+
+The image encoder is frozen, so a benign client encodes its images once and
+each step only runs the text encoder over the class prompts. Attacks wrap
+this path (see :mod:`fedsec.attacks`) instead of forking it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedsec.models.prompt import PromptCLIP
+
+
+@dataclass
+class LocalData:
+    """A client's local data, prepared once per process.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        ``float32`` images in ``[0, 1]`` at the model's resolution.
+    labels : torch.Tensor
+        ``int64`` labels.
+    features : torch.Tensor
+        L2-normalised frozen image features of ``images``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def sgd_for(ctx: torch.nn.Parameter, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The local optimiser of ``ctx`` (a fresh one every round)."""
+    return torch.optim.SGD([ctx], lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    """Yield ``steps`` index batches, reshuffling at every pass over ``n`` items."""
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm = torch.randperm(n, generator=gen)
+            pos = 0
+        yield perm[pos : pos + min(batch_size, n)]
+        pos += batch_size
+
+
+def train_on_features(
+    model: PromptCLIP,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train ``model.prompt_learner.ctx`` with cross-entropy on cached features.
+
+    Returns
+    -------
+    dict
+        ``train-loss`` (mean over steps) and ``train-acc`` (on seen batches).
+    """
+    ctx = model.prompt_learner.ctx
+    opt = sgd_for(ctx, lr, momentum, weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    dev = ctx.device
+    features, labels = features.to(dev), labels.to(dev)
+    losses, correct, seen = [], 0, 0
+    for idx in batches(len(labels), batch_size, steps, gen):
+        idx = idx.to(dev)
+        logits = model.logits_from_features(features[idx])
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += int((logits.argmax(-1) == labels[idx]).sum())
+        seen += len(idx)
+    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def accuracy_on_features(model: PromptCLIP, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of the current prompt on cached features."""
+    if len(labels) == 0:
+        return 0.0
+    pred = model.logits_from_features(features.to(model.prompt_learner.ctx.device)).argmax(-1).cpu()
+    return float((pred == labels.cpu()).float().mean())

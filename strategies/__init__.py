@@ -1,0 +1,1 @@
+"""fedsec's Flower strategies: the ServerApp, the strategy registry and the defenses."""

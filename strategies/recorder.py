@@ -1,0 +1,96 @@
+"""A pass-through strategy wrapper that hands each round's facts to the evaluation.
+
+It records, for the evaluation only, which partition each replying node holds,
+each reply's update (for stealth metrics) and which nodes the defense
+excluded or down-weighted (for detection metrics). It changes nothing in the
+aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+class Recorder(Strategy):
+    """Wrap ``inner`` and report each round to ``sink(info: dict)``.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The strategy doing the work (e.g. ``Validated(defense)``).
+    sink : callable
+        Receives a dict with ``partitions`` (node id -> partition id),
+        ``updates`` (partition id -> flattened update), ``flagged`` (partition
+        ids excluded or down-weighted, or ``None`` when the rule reports
+        nothing), ``train_loss``, ``rejected``, ``num_replies``.
+    """
+
+    def __init__(self, inner: Strategy, sink) -> None:
+        self.inner = inner
+        self.sink = sink
+        self._sent: dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name: str):
+        # Anything else (e.g. ``last_excluded``, user attributes) comes from the inner strategy.
+        return getattr(self.__dict__["inner"], name)
+
+    def summary(self) -> None:
+        """Delegate."""
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Remember the global arrays sent, then delegate."""
+        self._sent = {k: v.numpy().copy() for k, v in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record what the evaluation needs, then delegate."""
+        replies = list(replies)
+        partitions: dict[int, int] = {}
+        updates: dict[int, np.ndarray] = {}
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    continue
+                pid = int(msg.content["metrics"]["partition-id"])
+                node = int(msg.metadata.src_node_id)
+                partitions[node] = pid
+                ctx = msg.content["arrays"]["ctx"].numpy()
+                if ctx.shape == self._sent["ctx"].shape and np.all(np.isfinite(ctx)):
+                    updates[pid] = (ctx - self._sent["ctx"]).astype(np.float64).ravel()
+            except Exception:  # malformed replies are the validator's business
+                continue
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        flagged = None
+        if hasattr(self.inner, "last_excluded") or hasattr(self.inner, "last_weights"):
+            excluded = set(getattr(self.inner, "last_excluded", []) or [])
+            weights = getattr(self.inner, "last_weights", {}) or {}
+            if weights:
+                top = max(weights.values())
+                excluded |= {n for n, w in weights.items() if top > 0 and w < 0.5 * top}
+            flagged = sorted(partitions[n] for n in excluded if n in partitions)
+        info = {
+            "partitions": partitions,
+            "updates": updates,
+            "flagged": flagged,
+            "num_replies": len(replies),
+        }
+        if metrics is not None:
+            for key in ("train-loss", "train-acc", "rejected-replies"):
+                if key in metrics:
+                    info[key.replace("-", "_")] = float(metrics[key])
+        self.sink(info)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate."""
+        return self.inner.aggregate_evaluate(server_round, replies)

@@ -1,0 +1,99 @@
+"""Strategy registry: a defense is one file, one ``@register_strategy``, one test.
+
+A factory takes a :class:`StrategyContext` and returns a Flower
+``flwr.serverapp.strategy.Strategy``. Flower's own rules (FedAvg, Krum,
+MultiKrum, Bulyan, FedMedian, FedTrimmedAvg, DP clipping) are registered in
+:mod:`strategies.builtin` without being rewritten.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.serverapp.strategy import Strategy
+
+from fedsec.config import RunConfig
+from fedsec.registry import Registry
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy factory may use.
+
+    Attributes
+    ----------
+    cfg : RunConfig
+        The validated run config (a defense reads only its own parameters and
+        the sampling settings; it never learns who is malicious).
+    num_nodes : int
+        Nodes connected when the run starts.
+    server_update : callable, optional
+        ``ctx -> ctx`` after training on the server's root set (FLTrust).
+    """
+
+    cfg: RunConfig
+    num_nodes: int
+    server_update: Callable | None = None
+
+    def fedavg_kwargs(self) -> dict:
+        """Sampling keyword arguments shared by every FedAvg-derived rule."""
+        c = self.cfg
+        return {
+            "fraction_train": c.fraction_train,
+            "fraction_evaluate": c.fraction_evaluate,
+            "min_train_nodes": min(c.min_train_nodes, self.num_nodes),
+            "min_evaluate_nodes": 1 if c.fraction_evaluate > 0 else 0,
+            "min_available_nodes": min(c.min_train_nodes, self.num_nodes),
+        }
+
+
+StrategyFactory = Callable[[StrategyContext], Strategy]
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+_PARAMS: dict[str, dict[str, object]] = {}
+
+#: Modules whose import registers strategies (one file per rule).
+STRATEGY_MODULES = [
+    "strategies.builtin",
+]
+
+
+def register_strategy(name: str, params: dict[str, object] | None = None):
+    """Register a strategy factory under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The run-config ``strategy`` value.
+    params : dict, optional
+        Run-config keys this strategy reads and their defaults (kebab-case).
+    """
+
+    def deco(factory: StrategyFactory) -> StrategyFactory:
+        STRATEGIES.register(name)(factory)
+        for key, value in (params or {}).items():
+            if key in _PARAMS and _PARAMS[key]["default"] != value:
+                raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
+            _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(name)
+        return factory
+
+    return deco
+
+
+def load_all() -> None:
+    """Import every strategy module (idempotent)."""
+    for mod in STRATEGY_MODULES:
+        importlib.import_module(mod)
+
+
+def strategy_param_defaults() -> dict[str, object]:
+    """Run-config keys declared by registered strategies, with defaults."""
+    load_all()
+    return {k: v["default"] for k, v in _PARAMS.items()}
+
+
+def build_strategy(sctx: StrategyContext) -> Strategy:
+    """Build the strategy named by ``sctx.cfg.strategy``."""
+    load_all()
+    return STRATEGIES.get(sctx.cfg.strategy)(sctx)

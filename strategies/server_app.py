@@ -1,0 +1,64 @@
+"""The fedsec ServerApp: build the strategy by name, run it, evaluate every round."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsec.config import RunConfig
+from fedsec.evaluation import Evaluation
+from fedsec.node import seed_everything
+from fedsec.rundir import RunDir
+from strategies.recorder import Recorder
+from strategies.registry import StrategyContext, build_strategy
+
+app = ServerApp()
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
+    t0 = time.time()
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= minimum or time.time() - t0 > timeout_s:
+            return n
+        time.sleep(1.0)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run federated prompt learning as configured by ``context.run_config``."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    run_dir = RunDir.create(cfg.resolved_run_dir(), cfg.to_dict())
+    log(INFO, "[fedsec] run directory: %s", run_dir.path)
+    seed_everything(cfg.seed)
+    num_nodes = _wait_for_nodes(grid, cfg.min_train_nodes)
+    evaluation = Evaluation(cfg, run_dir, num_nodes)
+    log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
+
+    sctx = StrategyContext(cfg, num_nodes, server_update=None)
+    strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        row = evaluation.evaluate_round(server_round, arrays["ctx"].numpy())
+        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+
+    init = ArrayRecord({"ctx": Array(evaluation.initial_ctx())})
+    result = strategy.start(
+        grid=grid, initial_arrays=init, num_rounds=cfg.num_server_rounds, evaluate_fn=evaluate_fn
+    )
+    final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
+    evaluation.finish(np.asarray(final))
+
+
+def _validated(strategy):
+    """Wrap ``strategy`` in update validation when available."""
+    try:
+        from strategies.validation import Validated
+    except ImportError:
+        return strategy
+    return Validated(strategy)
