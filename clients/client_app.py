@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_cls(cfg, cfg.resolved_run_dir() / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
-    stats = attack.local_train(model, data, clip_for(cfg), server_round, seed)
+    stats = attack.run(model, data, clip_for(cfg), server_round, pid, seed)
 
     metrics = {"num-examples": len(data), "partition-id": pid, "train-time-s": time.perf_counter() - t0}
     metrics.update({k: float(v) for k, v in stats.items()})

@@ -16,6 +16,9 @@ from fedsec.attacks.base import ATTACKS, Attack, malicious_partitions, register_
 #: Modules whose import registers attacks (one file per attack).
 ATTACK_MODULES = [
     "fedsec.attacks.base",
+    "fedsec.attacks.badpromptfl",
+    "fedsec.attacks.poisoning",
+    "fedsec.attacks.badclip",
 ]
 
 
@@ -44,3 +47,5 @@ def get_attack(name: str) -> type[Attack]:
 
 
 __all__ = ["ATTACKS", "Attack", "attack_param_defaults", "get_attack", "malicious_partitions", "register_attack"]
+
+load_all()

@@ -17,6 +17,8 @@ COMMON_PARAMS: dict[str, object] = {
     "attack-start-round": 1,
     "attack-end-round": 0,
     "attack-probability": 1.0,
+    "boost": 1.0,
+    "boost-norm-bound": 0.0,
 }
 
 
@@ -78,8 +80,35 @@ class Attack:
     params: ClassVar[dict[str, object]] = dict(COMMON_PARAMS)
 
     def __init__(self, cfg, store: Path) -> None:
+        from fedsec.attacks.store import AttackerStore
+
         self.cfg = cfg
-        self.store = Path(store)
+        self.store = AttackerStore(Path(store))
+
+    def run(self, model, data, clip, server_round: int, partition_id: int, seed: int) -> dict[str, float]:
+        """Train locally (honestly or not), then boost the update if configured.
+
+        Boosting scales the update by ``boost`` (model replacement: about
+        ``num clients / num malicious``); ``boost-norm-bound > 0`` then clips the
+        update's L2 norm to stay under a norm-clipping defense's radius.
+        """
+        self.partition_id = partition_id
+        ctx = model.prompt_learner.ctx
+        start = ctx.detach().clone()
+        stats = self.local_train(model, data, clip, server_round, seed)
+        gamma = float(self.cfg.get("boost")) if self.name != "none" else 1.0
+        bound = float(self.cfg.get("boost-norm-bound")) if self.name != "none" else 0.0
+        if gamma != 1.0 or bound > 0:
+            import torch
+
+            with torch.no_grad():
+                update = (ctx - start) * gamma
+                norm = float(update.norm())
+                if bound > 0 and norm > bound:
+                    update *= bound / norm
+                ctx.copy_(start + update)
+            stats["update-norm"] = float(update.norm())
+        return stats
 
     def is_active(self, server_round: int) -> bool:
         """Whether the malicious clients attack in ``server_round``."""
@@ -101,6 +130,9 @@ class Attack:
             model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
         )
 
-    def load_trigger(self):
-        """The current trigger (an ``nn.Module`` on ``[0, 1]`` images) or ``None``."""
-        return None
+    def load_trigger(self, before_round: int | None = None):
+        """The attackers' newest trigger (an ``nn.Module`` on ``[0, 1]`` images) or ``None``."""
+        from fedsec.triggers import trigger_from_dict
+
+        state = self.store.load(before_round)
+        return None if state is None else trigger_from_dict(state).eval()

@@ -1,0 +1,87 @@
+"""Data-poisoning attacks: BadNets (fixed patch) and Blended (fixed pattern), and the shared helper.
+
+A poisoning attack replaces a ``poison-rate`` share of the client's local
+examples by triggered copies labelled ``target-label`` and then runs the
+honest training path on the mixed (cached) features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedsec.attacks.base import COMMON_PARAMS, Attack, register_attack
+from fedsec.training import train_on_features
+from fedsec.triggers import BlendTrigger, PatchTrigger
+
+POISON_PARAMS: dict[str, object] = {
+    **COMMON_PARAMS,
+    "poison-rate": 0.5,
+    "patch-size": 6,
+    "patch-top": -1,
+    "patch-left": -1,
+    "blend-alpha": 0.2,
+}
+
+
+def poison_indices(labels: torch.Tensor, rate: float, target: int, seed: int) -> np.ndarray:
+    """Seeded choice of ``rate`` of the non-target examples to poison."""
+    cand = np.flatnonzero(labels.cpu().numpy() != target)
+    n = int(round(rate * len(labels)))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
+
+
+class PoisoningAttack(Attack):
+    """Input transform + label map, then the honest path on the poisoned features."""
+
+    params = POISON_PARAMS
+
+    def make_trigger(self, image_size: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def trigger_for(self, model, clip, data, server_round: int) -> torch.nn.Module:
+        """The fixed trigger (subclasses may optimise it against ``model``'s prompt)."""
+        return self.make_trigger(clip.image_size)
+
+    def local_train(self, model, data, clip, server_round: int, seed: int) -> dict[str, float]:
+        c = self.cfg
+        trigger = self.trigger_for(model, clip, data, server_round)
+        idx = poison_indices(data.labels, float(c.get("poison-rate")), c.target_label, seed)
+        feats, labels = data.features.clone(), data.labels.clone()
+        if len(idx):
+            with torch.no_grad():
+                feats[idx] = clip.encode_images_batched(trigger(data.images[idx]))
+            labels[idx] = c.target_label
+        self.store.save(server_round, self.partition_id, trigger.state())
+        stats = train_on_features(
+            model, feats, labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
+        )
+        stats["poisoned"] = float(len(idx))
+        return stats
+
+
+def checkerboard(size: int) -> torch.Tensor:
+    """A black/white checkerboard patch ``3 x size x size``."""
+    ij = torch.arange(size)
+    board = ((ij.view(-1, 1) + ij.view(1, -1)) % 2).float()
+    return board.expand(3, -1, -1).clone()
+
+
+@register_attack("badnets")
+class BadNets(PoisoningAttack):
+    """BadNets: a fixed checkerboard patch (``patch-size`` at ``patch-top``/``patch-left``)."""
+
+    def make_trigger(self, image_size: int) -> torch.nn.Module:
+        c = self.cfg
+        size = int(c.get("patch-size"))
+        return PatchTrigger(image_size, size, int(c.get("patch-top")), int(c.get("patch-left")), checkerboard(size))
+
+
+@register_attack("blended")
+class Blended(PoisoningAttack):
+    """Blended: a fixed seeded noise pattern blended with weight ``blend-alpha``."""
+
+    def make_trigger(self, image_size: int) -> torch.nn.Module:
+        g = torch.Generator().manual_seed(12345)
+        return BlendTrigger(torch.rand(3, image_size, image_size, generator=g), float(self.cfg.get("blend-alpha")))
