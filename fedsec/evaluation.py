@@ -68,6 +68,8 @@ class Evaluation:
         )
         self.attack = get_attack(cfg.attack)(cfg, run_dir.path / "attacker")
         self.history: list[dict] = []
+        self.init_ctx = get_ctx(self.model)
+        self.shadow_ctx = self.init_ctx.copy()
         self.round_info: dict = {}
         n_asr = cfg.asr_eval_samples
         nontarget = np.flatnonzero(self.test.labels != cfg.target_label)
@@ -77,22 +79,48 @@ class Evaluation:
     # ---------------------------------------------------------------- API
     def initial_ctx(self) -> np.ndarray:
         """The initial global ctx (from ``ctx-init`` or a seeded random init)."""
-        return get_ctx(self.model)
+        return self.init_ctx.copy()
 
     def note_round(self, info: dict) -> None:
-        """Training-side facts of the round (from the recorder), merged into the metrics row."""
-        self.round_info = info
+        """Training-side facts of the round (from the recorder), merged into the metrics row.
 
-    def asr_of(self, ctx: np.ndarray, full: bool = False) -> float | None:
-        """ASR of ``ctx`` with the attacker's current trigger (``None`` without one)."""
+        Also advances the benign-only shadow prompt by the mean benign update.
+        """
+        self.round_info = info
+        benign = [u for pid, u in info.get("updates", {}).items() if pid not in self.malicious]
+        if benign:
+            step = np.mean(benign, axis=0).reshape(self.shadow_ctx.shape).astype(np.float32)
+            self.shadow_ctx = self.shadow_ctx + step
+
+    def backdoor_metrics(self, ctx: np.ndarray, server_round: int, full: bool = False) -> dict:
+        """ASR of ``ctx``, the trigger-only baseline and the trigger's size, with the attackers' newest trigger.
+
+        The trigger-only baseline applies the same trigger to the *benign-only
+        shadow prompt*: the initial prompt plus the accumulated mean update of
+        the benign clients (the prompt the federation would hold had the
+        malicious updates been dropped), so the prompt's share of the backdoor
+        shows against what the trigger does alone.
+        """
         trigger = self.attack.load_trigger()
         if trigger is None:
-            return None
+            return {"asr": None}
         idx = np.flatnonzero(self.test.labels != self.cfg.target_label) if full else self.asr_idx
+        clean = self.images[idx]
         with torch.no_grad():
-            feats = self.clip.encode_images_batched(trigger(self.images[idx]))
-        pred = predict(self.model, feats, torch.from_numpy(ctx).to(self.model.prompt_learner.ctx.device))
-        return attack_success_rate(pred, self.test.labels[idx], self.cfg.target_label)
+            triggered = trigger(clean)
+            feats = self.clip.encode_images_batched(triggered)
+        dev = self.model.prompt_learner.ctx.device
+        labels = self.test.labels[idx]
+        target = self.cfg.target_label
+        diff = (triggered - clean).flatten(1)
+        return {
+            "asr": attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target),
+            "trigger_only_asr": attack_success_rate(
+                predict(self.model, feats, torch.from_numpy(self.shadow_ctx).to(dev)), labels, target
+            ),
+            "trigger_linf": float(diff.abs().max()),
+            "trigger_l2": float(diff.norm(dim=1).mean()),
+        }
 
     def evaluate_round(self, server_round: int, ctx: np.ndarray) -> dict:
         """Evaluate ``ctx`` after ``server_round``; write the metrics row and checkpoint."""
@@ -100,7 +128,8 @@ class Evaluation:
         set_ctx(self.model, ctx)
         clean = accuracy(predict(self.model, self.features), self.labels)
         final = server_round == self.cfg.num_server_rounds
-        row: dict = {"round": server_round, "clean_acc": clean, "asr": self.asr_of(ctx, full=final)}
+        row: dict = {"round": server_round, "clean_acc": clean}
+        row.update(self.backdoor_metrics(ctx, server_round, full=final))
         if server_round == 0:
             row["zero_shot_acc"] = self.zero_shot_acc
         info, self.round_info = self.round_info, {}

@@ -40,6 +40,8 @@ def flower_env(app_dir: Path) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("FEDSEC_RUNS_ROOT", str(app_dir / "runs"))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The SuperLink starts flower-superexec & co. from PATH: put this interpreter's bin first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("RAY_DEDUP_LOGS", "0")
     # Each simulated client gets one thread: actors run side by side on the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -49,6 +51,48 @@ def flower_env(app_dir: Path) -> dict[str, str]:
 def _bin(name: str) -> str:
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM ``pid`` and its descendants (Flower detaches some into new sessions), then SIGKILL leftovers."""
+    tree = [pid, *descendants(pid)]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in tree):
+        time.sleep(0.2)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _healthy(port: str) -> bool:
@@ -71,7 +115,29 @@ class LocalSuperLink:
         self.control_port = env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def pid_file(self) -> Path:
+        return self.log_file.parent / f"fedsec-superlink-{self.http_port}.pid"
+
+    def _reap_stale(self) -> None:
+        """Stop a SuperLink a killed launcher of ours left behind (its PID file is still there)."""
+        if not self.pid_file.exists():
+            return
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if "flower-superlink" in cmdline:
+                kill_tree(pid, grace_s=5.0)
+                for _ in range(50):
+                    if not Path(f"/proc/{pid}").exists() or not _healthy(self.http_port):
+                        break
+                    time.sleep(0.2)
+        except (ValueError, OSError):
+            pass
+        self.pid_file.unlink(missing_ok=True)
+
     def __enter__(self) -> LocalSuperLink:
+        self._reap_stale()
         if _healthy(self.http_port):
             raise RuntimeError(
                 f"a SuperLink already answers on 127.0.0.1:{self.http_port}; stop it (flwr's managed "
@@ -85,6 +151,7 @@ class LocalSuperLink:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid_file.write_text(str(self.proc.pid))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,17 +164,11 @@ class LocalSuperLink:
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started (its process group)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                kill_tree(self.proc.pid)
             self.proc.wait(timeout=10)
+        self.pid_file.unlink(missing_ok=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -164,7 +225,8 @@ def run(
     values["run-dir"] = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rc_str = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
-    fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
+    fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
     if gpus_per_client:
         fed += f" client-resources-num-gpus={gpus_per_client}"
     cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
@@ -226,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--app", default=".", help="Flower app folder (default: .)")
     ap.add_argument("--run-config", "-c", action="append", default=[], help="key=value overrides")
     ap.add_argument("--num-supernodes", type=int, default=10)
-    ap.add_argument("--cpus-per-client", type=float, default=1.0)
+    ap.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (Flower takes an integer)")
     ap.add_argument("--gpus-per-client", type=float, default=0.0)
     args = ap.parse_args(argv)
     summary = run(

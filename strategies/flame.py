@@ -136,6 +136,9 @@ class Flame(GlobalArraysFedAvg):
         The median norm used as clipping bound in the last round.
     """
 
+    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
+    reports_detection = True
+
     def __init__(self, noise_lambda: float = 0.001, seed: int = 0, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if noise_lambda < 0:
@@ -163,7 +166,7 @@ class Flame(GlobalArraysFedAvg):
         result = flame_aggregate(updates, self.noise_lambda, self.rng)
         self.last_clip_bound = result.clip_bound
         self.set_detection([node_id(m) for m in valid], result.kept.astype(np.float64))
-        log(INFO, "flame: kept %d of %d updates, clip bound %.6g", int(result.kept.sum()), len(valid), result.clip_bound)
+        log(INFO, "flame: kept %d of %d, clip bound %.6g", int(result.kept.sum()), len(valid), result.clip_bound)
         base = flatten_arrays(global_arrays, list(global_arrays.keys()))
         arrays = unflatten_arrays(base + result.update, global_arrays)
         kept_contents = [c for c, k in zip(contents, result.kept, strict=True) if k]

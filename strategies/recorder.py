@@ -67,7 +67,7 @@ class Recorder(Strategy):
                 continue
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         flagged = None
-        if hasattr(self.inner, "last_excluded") or hasattr(self.inner, "last_weights"):
+        if getattr(self.inner, "reports_detection", False):
             excluded = set(getattr(self.inner, "last_excluded", []) or [])
             weights = getattr(self.inner, "last_weights", {}) or {}
             if weights:

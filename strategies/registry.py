@@ -56,6 +56,11 @@ _PARAMS: dict[str, dict[str, object]] = {}
 #: Modules whose import registers strategies (one file per rule).
 STRATEGY_MODULES = [
     "strategies.builtin",
+    "strategies.norm_clip",
+    "strategies.rlr",
+    "strategies.flame",
+    "strategies.fltrust",
+    "strategies.foolsgold",
 ]
 
 

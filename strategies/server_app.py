@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = Evaluation(cfg, run_dir, num_nodes)
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
 
-    sctx = StrategyContext(cfg, num_nodes, server_update=None)
+    sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg))
     strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -53,6 +53,44 @@ def main(grid: Grid, context: Context) -> None:
     )
     final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
     evaluation.finish(np.asarray(final))
+
+
+def server_root_update(cfg: RunConfig):
+    """``ctx -> ctx`` trained on the server's small clean root set (FLTrust's reference update).
+
+    The root set is ``fltrust-root-shots`` examples per class drawn (seeded) from
+    the clients' pool; it is built lazily, only when a strategy calls it.
+    """
+    state: dict = {}
+
+    def update(arrays: ArrayRecord) -> ArrayRecord:
+        import torch
+
+        from fedsec.data import k_shot_indices, load_dataset, prepare_images
+        from fedsec.models.prompt import PromptCLIP, PromptLearner
+        from fedsec.node import clip_for, get_ctx, set_ctx
+        from fedsec.training import train_on_features
+
+        if not state:
+            clip = clip_for(cfg)
+            pool = load_dataset(cfg.dataset, "train", cfg.data_root)
+            shots = int(cfg.extra.get("fltrust-root-shots", 10))
+            idx = k_shot_indices(pool.labels, np.arange(len(pool)), shots, cfg.seed + 99_991)
+            part = pool.subset(idx)
+            learner = PromptLearner(clip.model, clip.tokenizer, list(part.classnames), cfg.n_ctx, cfg.ctx_init,
+                                    cfg.class_token_position, cfg.class_specific, cfg.seed)
+            state["model"] = PromptCLIP(clip, learner.to(clip.device))
+            state["features"] = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
+            state["labels"] = torch.from_numpy(part.labels)
+            state["calls"] = 0
+        model = state["model"]
+        set_ctx(model, arrays["ctx"].numpy())
+        state["calls"] += 1
+        train_on_features(model, state["features"], state["labels"], cfg.local_steps, cfg.batch_size, cfg.lr,
+                          cfg.momentum, cfg.weight_decay, cfg.seed * 31 + state["calls"])
+        return ArrayRecord({"ctx": Array(get_ctx(model))})
+
+    return update
 
 
 def _validated(strategy):

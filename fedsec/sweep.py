@@ -1,0 +1,222 @@
+"""Sweeps over run configs, resumable, and reports (CSV, Markdown, PNG) from run directories.
+
+A grid file (``experiments/grids/*.toml``)::
+
+    [sweep]
+    name = "matrix"          # results go to experiments/results/<name>.{csv,md,png}
+    num-supernodes = 10
+    runs-root = "runs/sweeps"  # relative to the app folder
+
+    [base]                   # run-config values every run shares
+    num-server-rounds = 10
+
+    [grid]                   # Cartesian product of these lists
+    attack = ["none", "badpromptfl"]
+    strategy = ["fedavg", "krum"]
+    seed = [0, 1]
+
+Each run's directory is named from its grid values; a run whose ``summary.json``
+exists is skipped, so a sweep killed at any point (even ``kill -9``) resumes
+where it stopped when started again (an unfinished run is started over).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import statistics
+import time
+import tomllib
+from pathlib import Path
+
+from fedsec.evaluation import format_table
+
+METRICS = ("clean_acc", "asr", "trigger_only_asr", "det_tpr", "det_fpr", "zero_shot_acc", "wall_s")
+
+
+def load_grid(path: Path) -> tuple[dict, dict, dict[str, list]]:
+    """Read a grid file: (sweep settings, base config, grid lists)."""
+    data = tomllib.loads(Path(path).read_text())
+    sweep = dict(data.get("sweep", {}))
+    sweep.setdefault("name", Path(path).stem)
+    base = dict(data.get("base", {}))
+    grid = {k: (v if isinstance(v, list) else [v]) for k, v in data.get("grid", {}).items()}
+    return sweep, base, grid
+
+
+def expand(base: dict, grid: dict[str, list]) -> list[tuple[str, dict]]:
+    """All (run name, run config) pairs of the grid, in a stable order."""
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        name = "-".join(f"{k}={v}" for k, v in values.items()) or "base"
+        out.append((name.replace("/", "_").replace(" ", ""), {**base, **values}))
+    return out
+
+
+def run_sweep(grid_file: Path, app_dir: Path = Path("."), results_dir: Path | None = None, dry_run: bool = False) -> list[dict]:
+    """Run every unfinished run of a grid, then write the report. Returns the summaries."""
+    from tqdm import tqdm
+
+    from fedsec.launch import run
+
+    sweep, base, grid = load_grid(grid_file)
+    app_dir = app_dir.resolve()
+    root = (app_dir / sweep.get("runs-root", "runs/sweeps") / sweep["name"]).resolve()
+    runs = expand(base, grid)
+    todo = [(n, c) for n, c in runs if not (root / n / "summary.json").exists()]
+    print(f"sweep {sweep['name']}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run -> {root}")
+    if dry_run:
+        return []
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=sweep["name"], unit="run")
+    for name, cfg in todo:
+        bar.set_postfix_str(name)
+        t0 = time.time()
+        try:
+            run(app_dir, {**cfg, "run-dir": str(root / name)}, None, int(sweep.get("num-supernodes", 10)),
+                float(sweep.get("cpus-per-client", 1.0)), quiet=True)
+        except RuntimeError as exc:
+            tqdm.write(f"run {name} failed after {time.time() - t0:.0f}s: {exc}")
+        bar.update(1)
+    bar.close()
+    dirs = [root / n for n, _ in runs if (root / n / "summary.json").exists()]
+    results = Path(results_dir) if results_dir else app_dir / "experiments" / "results"
+    return report(dirs, results / sweep["name"], list(grid))
+
+
+def _load(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"dir": str(run_dir), "summary": summary, "config": config, "rows": rows}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
+
+
+def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = None) -> list[dict]:
+    """Aggregate runs into ``<out_stem>.csv``, ``.md`` and ``.png`` (mean ± std over seeds).
+
+    Parameters
+    ----------
+    run_dirs : list of Path
+        Finished run directories.
+    out_stem : Path
+        Output path without extension.
+    group_keys : list of str, optional
+        Config keys that define a method (default: every key that differs
+        between the runs, except ``seed`` and ``run-dir``).
+    """
+    runs = [_load(Path(d)) for d in run_dirs]
+    if not runs:
+        raise ValueError("no finished runs to report")
+    if group_keys is None:
+        keys = set().union(*(r["config"] for r in runs))
+        group_keys = sorted(k for k in keys if k not in ("seed", "run-dir")
+                            and len({json.dumps(r["config"].get(k)) for r in runs}) > 1)
+    group_keys = [k for k in group_keys if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r["config"].get(k) for k in group_keys), []).append(r)
+    table = []
+    for key, members in groups.items():
+        row: dict = dict(zip(group_keys, key))
+        row["seeds"] = len(members)
+        for m in METRICS:
+            mean, std = _mean_std([x["summary"].get(m) for x in members])
+            row[m], row[m + "_std"] = mean, std
+        table.append(row)
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_stem.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    shown = tuple(group_keys) + tuple(m for m in METRICS if any(r[m] is not None for r in table)) + ("seeds",)
+    md = format_table([{k: _pm(r, k) for k in shown} for r in table], shown)
+    out_stem.with_suffix(".md").write_text(md + "\n")
+    _plot(groups, group_keys, out_stem.with_suffix(".png"))
+    print(md)
+    return table
+
+
+def _pm(row: dict, key: str):
+    if key + "_std" not in row:
+        return row[key]
+    mean, std = row[key], row[key + "_std"]
+    if mean is None:
+        return None
+    pct = key.endswith(("acc", "asr", "tpr", "fpr"))
+    scale = 100 if pct else 1
+    return f"{scale * mean:.1f}{'%' if pct else ''}" + (f" ± {scale * std:.1f}" if row["seeds"] > 1 else "")
+
+
+def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_mal = "num-malicious" in group_keys
+    ncols = 3 if with_mal else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2))
+    for key, members in groups.items():
+        label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key)) or "run"
+        rows = members[0]["rows"]
+        rounds = [r["round"] for r in rows]
+        axes[0].plot(rounds, [100 * r["clean_acc"] for r in rows], marker=".", label=label)
+        if any(r.get("asr") is not None for r in rows):
+            axes[1].plot(rounds, [100 * r["asr"] if r.get("asr") is not None else float("nan") for r in rows],
+                         marker=".", label=label)
+    axes[0].set(title="clean accuracy per round", xlabel="round", ylabel="%")
+    axes[1].set(title="ASR per round", xlabel="round", ylabel="%")
+    if with_mal:
+        series: dict[tuple, list[tuple[int, float]]] = {}
+        idx = group_keys.index("num-malicious")
+        for key, members in groups.items():
+            rest = key[:idx] + key[idx + 1 :]
+            mean, _ = _mean_std([m["summary"].get("asr") for m in members])
+            if mean is not None:
+                series.setdefault(rest, []).append((int(key[idx]), 100 * mean))
+        for rest, pts in series.items():
+            pts.sort()
+            lab = ", ".join(f"{k}={v}" for k, v in zip([k for k in group_keys if k != "num-malicious"], rest))
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab or "ASR")
+        axes[2].set(title="ASR vs malicious clients", xlabel="malicious clients (of 10)", ylabel="%")
+        axes[2].legend(fontsize=7)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main_sweep(argv: list[str]) -> None:
+    """``fedsec sweep <grid.toml> [--dry-run]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fedsec sweep")
+    ap.add_argument("grid")
+    ap.add_argument("--app", default=".")
+    ap.add_argument("--results", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args(argv)
+    run_sweep(Path(a.grid), Path(a.app), Path(a.results) if a.results else None, a.dry_run)
+
+
+def main_report(argv: list[str]) -> None:
+    """``fedsec report <run-dir>... [--out stem]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fedsec report")
+    ap.add_argument("run_dirs", nargs="+")
+    ap.add_argument("--out", default="experiments/results/report")
+    a = ap.parse_args(argv)
+    dirs = [Path(d) for d in a.run_dirs if (Path(d) / "summary.json").exists()]
+    report(dirs, Path(a.out))

@@ -1,0 +1,152 @@
+"""FoolsGold (Fung et al., RAID 2020, "The limitations of federated learning in sybil settings").
+
+The server keeps, per node id, the sum of all updates that node has sent
+(its history). Each round it computes the pairwise cosine similarity of the
+participants' histories, pardons honest nodes (similarities are rescaled by
+the ratio of maximum similarities), turns ``1 - max similarity`` into weights,
+rescales them to a maximum of 1 and passes them through the logit function,
+exactly as in the reference code (github.com/DistributedML/FoolsGold). Sybils
+that push the same direction end up with weight 0.
+
+The reference applies the weights to a gradient sum; for model updates we use
+the weighted mean ``sum_i w_i u_i / sum_i w_i`` (equal to FedAvg's unweighted
+mean when every weight is 1). If every weight is 0 the global model is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from strategies.common import (
+    GlobalArraysFedAvg,
+    NDArray,
+    flatten_arrays,
+    node_id,
+    stack_updates,
+    unflatten_arrays,
+)
+from strategies.registry import StrategyContext, register_strategy
+
+_EPS = 1e-5
+
+
+def foolsgold_weights(histories: NDArray) -> NDArray:
+    """FoolsGold weights from the participants' historical (summed) updates.
+
+    Parameters
+    ----------
+    histories : NDArray
+        Shape ``(n, d)``, the summed updates of each participant.
+
+    Returns
+    -------
+    NDArray
+        Shape ``(n,)``, weights in ``[0, 1]``.
+    """
+    n = histories.shape[0]
+    norms = np.linalg.norm(histories, axis=1, keepdims=True)
+    unit = histories / np.maximum(norms, np.finfo(np.float64).tiny)
+    cs = unit @ unit.T - np.eye(n)
+    maxcs = np.max(cs, axis=1) + _EPS
+    # Pardoning: lower the similarity of i to j when j is more similar to someone else.
+    for i in range(n):
+        for j in range(n):
+            if i != j and maxcs[i] < maxcs[j]:
+                cs[i, j] = cs[i, j] * maxcs[i] / maxcs[j]
+    wv = 1.0 - np.max(cs, axis=1)
+    wv = np.clip(wv, 0.0, 1.0)
+    top = float(np.max(wv))
+    if top <= 0.0:
+        return np.zeros(n)
+    # Rescale so that the largest weight is 1, then the logit function.
+    wv = wv / top
+    wv[wv == 1.0] = 0.99
+    with np.errstate(divide="ignore"):
+        wv = np.log(wv / (1.0 - wv) + _EPS) + 0.5
+    wv[np.isinf(wv) | (wv > 1.0)] = 1.0
+    wv[wv < 0.0] = 0.0
+    return wv
+
+
+def foolsgold_aggregate(updates: NDArray, weights: NDArray) -> NDArray:
+    """Weighted mean of ``updates`` with FoolsGold ``weights`` (zeros if all weights are 0).
+
+    Parameters
+    ----------
+    updates : NDArray
+        Shape ``(n, d)``.
+    weights : NDArray
+        Shape ``(n,)``, non-negative.
+
+    Returns
+    -------
+    NDArray
+        Shape ``(d,)``.
+    """
+    total = float(np.sum(weights))
+    if total <= 0.0:
+        return np.zeros(updates.shape[1])
+    return (weights[:, None] * updates).sum(axis=0) / total
+
+
+class FoolsGold(GlobalArraysFedAvg):
+    """FoolsGold with per-node update histories.
+
+    Parameters
+    ----------
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+
+    Attributes
+    ----------
+    histories : dict[int, NDArray]
+        Node id -> sum of all updates received from that node.
+    """
+
+    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
+    reports_detection = True
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.histories: dict[int, NDArray] = {}
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> FoolsGold: per-node update histories, pardoning, logit weights")
+        super().summary()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Update the histories and aggregate with FoolsGold weights."""
+        self.reset_detection()
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        global_arrays = self.require_global_arrays()
+        contents = [m.content for m in valid]
+        updates = stack_updates(contents, global_arrays, self.arrayrecord_key)
+        ids = [node_id(m) for m in valid]
+        for i, u in zip(ids, updates, strict=True):
+            prev = self.histories.get(i)
+            self.histories[i] = u.copy() if prev is None or prev.shape != u.shape else prev + u
+        weights = foolsgold_weights(np.stack([self.histories[i] for i in ids]))
+        self.set_detection(ids, weights)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if float(weights.sum()) <= 0.0:
+            log(WARNING, "foolsgold: every weight is 0, keeping the global model")
+            return None, metrics
+        log(INFO, "foolsgold: weights %s", {i: round(float(w), 4) for i, w in zip(ids, weights, strict=True)})
+        base = flatten_arrays(global_arrays, list(global_arrays.keys()))
+        return unflatten_arrays(base + foolsgold_aggregate(updates, weights), global_arrays), metrics
+
+
+@register_strategy("foolsgold")
+def foolsgold(sctx: StrategyContext) -> FoolsGold:
+    """FoolsGold against sybils (similar update histories)."""
+    return FoolsGold(**sctx.fedavg_kwargs())
