@@ -44,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
         n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
     )
     attack_cls = get_attack(cfg.attack if malicious else "none")
-    attack = attack_cls(cfg, cfg.resolved_run_dir() / "attacker")
+    attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
     stats = attack.run(model, data, clip_for(cfg), server_round, pid, seed)
@@ -65,4 +65,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     acc = accuracy_on_features(model, data.features, data.labels)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})
     return Message(content=content, reply_to=msg)
-

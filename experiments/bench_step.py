@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedsec.config import RunConfig
-from fedsec.node import clip_for, local_data_for, prompt_model_for
+from fedsec.node import local_data_for, prompt_model_for
 from fedsec.training import train_on_features
 
 
@@ -33,7 +33,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_mapping({})
-    clip = clip_for(cfg)
     data, names = local_data_for(cfg, 0, 10)
     model = prompt_model_for(cfg, tuple(names))
     pl, enc = model.prompt_learner, model.text_encoder

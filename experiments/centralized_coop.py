@@ -48,8 +48,17 @@ def main() -> None:
         feats = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
         model = prompt_model_for(cfg, tuple(test.classnames))
         init = model.prompt_learner.ctx.detach().clone()
-        train_on_features(model, feats, torch.from_numpy(part.labels), args.steps, cfg.batch_size, args.lr,
-                          cfg.momentum, cfg.weight_decay, seed)
+        train_on_features(
+            model,
+            feats,
+            torch.from_numpy(part.labels),
+            args.steps,
+            cfg.batch_size,
+            args.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            seed,
+        )
         acc = accuracy(predict(model, test_feats), test_labels)
         with torch.no_grad():
             model.prompt_learner.ctx.copy_(init)
@@ -67,7 +76,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"zero-shot {100 * zs:.1f}%  centralized CoOp {100 * out['coop_acc_mean']:.1f} ± {100 * out['coop_acc_std']:.1f}%")
+    mean, std = 100 * out["coop_acc_mean"], 100 * out["coop_acc_std"]
+    print(f"zero-shot {100 * zs:.1f}%  centralized CoOp {mean:.1f} ± {std:.1f}%")
 
 
 if __name__ == "__main__":

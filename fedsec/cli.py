@@ -6,8 +6,9 @@
     run a grid of experiments (resumable) and write its results table and plots;
 ``fedsec report <run-dir>...``
     the same table and plots from any finished run directories;
-``fedsec config``
-    print the ``[tool.flwr.app.config]`` table (every key and default).
+``fedsec config [--write]``
+    print the ``[tool.flwr.app.config]`` table (every key and default, core,
+    attack and strategy parameters); ``--write`` puts it into ./pyproject.toml.
 """
 
 from __future__ import annotations
@@ -34,9 +35,21 @@ def _run(argv: list[str]) -> None:
 
 
 def _config(argv: list[str]) -> None:
+    from pathlib import Path
+
     from fedsec.config import pyproject_table
 
-    print(pyproject_table(), end="")
+    table = pyproject_table()
+    if "--write" not in argv:
+        print(table, end="")
+        return
+    path = Path("pyproject.toml")
+    text = path.read_text()
+    head = "[tool.flwr.app.config]\n"
+    start = text.index(head) + len(head)
+    end = text.find("\n[", start)
+    path.write_text(text[:start] + table + (text[end:] if end != -1 else ""))
+    print(f"updated {path}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def _registry_names(module: str, attr: str) -> Callable[[], list[str]]:
 _CHOICES: dict[str, Callable[[], list[str]]] = {
     "dataset": _registry_names("fedsec.data.datasets", "DATASETS"),
     "partitioner": _registry_names("fedsec.data.partition", "PARTITIONERS"),
-    "strategy": lambda: __import__("strategies.registry", fromlist=["x"]).load_all()
-    or __import__("strategies.registry", fromlist=["x"]).STRATEGIES.names(),
+    "strategy": lambda: (
+        __import__("strategies.registry", fromlist=["x"]).load_all()
+        or __import__("strategies.registry", fromlist=["x"]).STRATEGIES.names()
+    ),
     "attack": _registry_names("fedsec.attacks", "ATTACKS"),
     "class-token-position": _choice("end", "middle", "front"),
     "device": _choice("auto", "cpu", "cuda"),
@@ -189,18 +191,20 @@ class RunConfig:
         """A copy with snake_case fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def resolved_run_dir(self) -> Path:
+    def resolved_run_dir(self, run_id: int | None = None) -> Path:
         """The absolute run directory.
 
-        An empty ``run-dir`` becomes ``$FEDSEC_RUNS_ROOT/<stamp>-<attack>-<strategy>``
-        (``FEDSEC_RUNS_ROOT`` defaults to ``./runs``); a relative one is resolved
-        against ``FEDSEC_RUNS_ROOT`` too. Pass absolute paths with ``flwr run``:
-        the SuperLink's working directory is not the app's.
+        An empty ``run-dir`` becomes ``$FEDSEC_RUNS_ROOT/run-<run_id>-<attack>-<strategy>``
+        (the ServerApp and every ClientApp of a run know its Flower ``run_id``, so
+        they agree; without one, a time stamp), ``FEDSEC_RUNS_ROOT`` defaulting to
+        ``./runs``; a relative one is resolved against ``FEDSEC_RUNS_ROOT`` too.
+        Pass absolute paths with ``flwr run``: the SuperLink's working directory
+        is not the app's.
         """
         root = Path(os.environ.get("FEDSEC_RUNS_ROOT", os.path.join(os.getcwd(), "runs")))
         if not self.run_dir:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            return (root / f"{stamp}-{self.attack}-{self.strategy}").resolve()
+            tag = f"run-{run_id}" if run_id is not None else time.strftime("%Y%m%d-%H%M%S")
+            return (root / f"{tag}-{self.attack}-{self.strategy}").resolve()
         p = Path(self.run_dir).expanduser()
         return p if p.is_absolute() else (root / p).resolve()
 

@@ -74,7 +74,9 @@ class Evaluation:
         n_asr = cfg.asr_eval_samples
         nontarget = np.flatnonzero(self.test.labels != cfg.target_label)
         rng = np.random.default_rng(cfg.seed)
-        self.asr_idx = np.sort(rng.choice(nontarget, size=min(n_asr, len(nontarget)), replace=False)) if n_asr else nontarget
+        self.asr_idx = (
+            np.sort(rng.choice(nontarget, size=min(n_asr, len(nontarget)), replace=False)) if n_asr else nontarget
+        )
 
     # ---------------------------------------------------------------- API
     def initial_ctx(self) -> np.ndarray:
@@ -154,7 +156,11 @@ class Evaluation:
         log(
             INFO,
             "[fedsec] round %d/%d  clean_acc %.1f%%  asr %s  (%.1fs)",
-            server_round, self.cfg.num_server_rounds, 100 * clean, asr, row["round_s"],
+            server_round,
+            self.cfg.num_server_rounds,
+            100 * clean,
+            asr,
+            row["round_s"],
         )
         return row
 
@@ -201,8 +207,11 @@ class Evaluation:
         return summary
 
 
-def format_table(rows: list[dict], keys: tuple[str, ...] = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")) -> str:
+def format_table(
+    rows: list[dict], keys: tuple[str, ...] = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")
+) -> str:
     """A Markdown table of run summaries (percentages for accuracies)."""
+
     def cell(k: str, v) -> str:
         if v is None:
             return "-"

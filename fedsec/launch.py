@@ -144,9 +144,17 @@ class LocalSuperLink:
                 "SuperLink keeps running after `flwr run`) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
             )
         cmd = [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
-            "--host", "127.0.0.1", "--port", self.http_port,
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            self.http_port,
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
@@ -219,7 +227,9 @@ def run(
     run_dir = Path(str(values.get("run-dir", "")) or "")
     if not str(values.get("run-dir", "")):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(env["FEDSEC_RUNS_ROOT"]) / f"{stamp}-{values.get('attack', 'none')}-{values.get('strategy', 'fedavg')}"
+        run_dir = (
+            Path(env["FEDSEC_RUNS_ROOT"]) / f"{stamp}-{values.get('attack', 'none')}-{values.get('strategy', 'fedavg')}"
+        )
     run_dir = run_dir if run_dir.is_absolute() else (Path.cwd() / run_dir)
     run_dir = run_dir.resolve()
     values["run-dir"] = str(run_dir)
@@ -283,17 +293,25 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: run one experiment and print its results table."""
-    ap = argparse.ArgumentParser(prog="fedsec run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="fedsec run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("config", nargs="?", help="named experiment TOML, e.g. experiments/conf/main.toml")
     ap.add_argument("--app", default=".", help="Flower app folder (default: .)")
     ap.add_argument("--run-config", "-c", action="append", default=[], help="key=value overrides")
     ap.add_argument("--num-supernodes", type=int, default=10)
-    ap.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated client (Flower takes an integer)")
+    ap.add_argument(
+        "--cpus-per-client", type=int, default=1, help="CPUs per simulated client (Flower takes an integer)"
+    )
     ap.add_argument("--gpus-per-client", type=float, default=0.0)
     args = ap.parse_args(argv)
     summary = run(
-        Path(args.app), parse_overrides(args.run_config), Path(args.config) if args.config else None,
-        args.num_supernodes, args.cpus_per_client, args.gpus_per_client,
+        Path(args.app),
+        parse_overrides(args.run_config),
+        Path(args.config) if args.config else None,
+        args.num_supernodes,
+        args.cpus_per_client,
+        args.gpus_per_client,
     )
     keys = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")
     extra = tuple(k for k in ("trigger_only_asr", "det_tpr", "det_fpr") if k in summary)

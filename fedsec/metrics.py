@@ -81,8 +81,12 @@ def update_stealth(updates: dict[int, np.ndarray], malicious: Iterable[int]) -> 
     """
     mal = [k for k in updates if k in set(malicious)]
     ben = [k for k in updates if k not in set(malicious)]
-    out = {"mal_cos_dist": float("nan"), "benign_cos_dist": float("nan"), "mal_norm": float("nan"),
-           "benign_norm": float("nan")}
+    out = {
+        "mal_cos_dist": float("nan"),
+        "benign_cos_dist": float("nan"),
+        "mal_norm": float("nan"),
+        "benign_norm": float("nan"),
+    }
     if not ben:
         return out
     mean = np.mean([updates[k] for k in ben], axis=0)

@@ -36,8 +36,15 @@ def clip_for(cfg: RunConfig) -> FrozenCLIP:
 def prompt_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
     """A prompt classifier for ``classnames`` (one per process and prompt layout)."""
     return _prompt_model(
-        cfg.model, cfg.pretrained, pick_device(cfg.device), classnames, cfg.n_ctx, cfg.ctx_init,
-        cfg.class_token_position, cfg.class_specific, cfg.seed,
+        cfg.model,
+        cfg.pretrained,
+        pick_device(cfg.device),
+        classnames,
+        cfg.n_ctx,
+        cfg.ctx_init,
+        cfg.class_token_position,
+        cfg.class_specific,
+        cfg.seed,
     )
 
 
@@ -51,8 +58,18 @@ def _prompt_model(model, pretrained, device, classnames, n_ctx, ctx_init, positi
 def local_data_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[LocalData, list[str]]:
     """This client's partition with its frozen features (cached per process)."""
     return _local_data(
-        cfg.dataset, cfg.data_root, cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.k_shot,
-        cfg.seed, partition_id, num_partitions, cfg.model, cfg.pretrained, pick_device(cfg.device),
+        cfg.dataset,
+        cfg.data_root,
+        cfg.partitioner,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_client,
+        cfg.k_shot,
+        cfg.seed,
+        partition_id,
+        num_partitions,
+        cfg.model,
+        cfg.pretrained,
+        pick_device(cfg.device),
     )
 
 

@@ -28,8 +28,9 @@ import json
 import math
 import statistics
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from fedsec.evaluation import format_table
 
@@ -51,13 +52,15 @@ def expand(base: dict, grid: dict[str, list]) -> list[tuple[str, dict]]:
     keys = list(grid)
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
+        values = dict(zip(keys, combo, strict=False))
         name = "-".join(f"{k}={v}" for k, v in values.items()) or "base"
         out.append((name.replace("/", "_").replace(" ", ""), {**base, **values}))
     return out
 
 
-def run_sweep(grid_file: Path, app_dir: Path = Path("."), results_dir: Path | None = None, dry_run: bool = False) -> list[dict]:
+def run_sweep(
+    grid_file: Path, app_dir: Path = Path("."), results_dir: Path | None = None, dry_run: bool = False
+) -> list[dict]:
     """Run every unfinished run of a grid, then write the report. Returns the summaries."""
     from tqdm import tqdm
 
@@ -76,8 +79,14 @@ def run_sweep(grid_file: Path, app_dir: Path = Path("."), results_dir: Path | No
         bar.set_postfix_str(name)
         t0 = time.time()
         try:
-            run(app_dir, {**cfg, "run-dir": str(root / name)}, None, int(sweep.get("num-supernodes", 10)),
-                float(sweep.get("cpus-per-client", 1.0)), quiet=True)
+            run(
+                app_dir,
+                {**cfg, "run-dir": str(root / name)},
+                None,
+                int(sweep.get("num-supernodes", 10)),
+                float(sweep.get("cpus-per-client", 1.0)),
+                quiet=True,
+            )
         except RuntimeError as exc:
             tqdm.write(f"run {name} failed after {time.time() - t0:.0f}s: {exc}")
         bar.update(1)
@@ -119,15 +128,16 @@ def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = 
         raise ValueError("no finished runs to report")
     if group_keys is None:
         keys = set().union(*(r["config"] for r in runs))
-        group_keys = sorted(k for k in keys if k not in ("seed", "run-dir")
-                            and len({json.dumps(r["config"].get(k)) for r in runs}) > 1)
+        group_keys = sorted(
+            k for k in keys if k not in ("seed", "run-dir") and len({json.dumps(r["config"].get(k)) for r in runs}) > 1
+        )
     group_keys = [k for k in group_keys if k != "seed"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(r["config"].get(k) for k in group_keys), []).append(r)
     table = []
     for key, members in groups.items():
-        row: dict = dict(zip(group_keys, key))
+        row: dict = dict(zip(group_keys, key, strict=False))
         row["seeds"] = len(members)
         for m in METRICS:
             mean, std = _mean_std([x["summary"].get(m) for x in members])
@@ -168,13 +178,17 @@ def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) ->
     ncols = 3 if with_mal else 2
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2))
     for key, members in groups.items():
-        label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key)) or "run"
+        label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key, strict=False)) or "run"
         rows = members[0]["rows"]
         rounds = [r["round"] for r in rows]
         axes[0].plot(rounds, [100 * r["clean_acc"] for r in rows], marker=".", label=label)
         if any(r.get("asr") is not None for r in rows):
-            axes[1].plot(rounds, [100 * r["asr"] if r.get("asr") is not None else float("nan") for r in rows],
-                         marker=".", label=label)
+            axes[1].plot(
+                rounds,
+                [100 * r["asr"] if r.get("asr") is not None else float("nan") for r in rows],
+                marker=".",
+                label=label,
+            )
     axes[0].set(title="clean accuracy per round", xlabel="round", ylabel="%")
     axes[1].set(title="ASR per round", xlabel="round", ylabel="%")
     if with_mal:
@@ -187,7 +201,8 @@ def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) ->
                 series.setdefault(rest, []).append((int(key[idx]), 100 * mean))
         for rest, pts in series.items():
             pts.sort()
-            lab = ", ".join(f"{k}={v}" for k, v in zip([k for k in group_keys if k != "num-malicious"], rest))
+            others = [k for k in group_keys if k != "num-malicious"]
+            lab = ", ".join(f"{k}={v}" for k, v in zip(others, rest, strict=False))
             axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab or "ASR")
         axes[2].set(title="ASR vs malicious clients", xlabel="malicious clients (of 10)", ylabel="%")
         axes[2].legend(fontsize=7)

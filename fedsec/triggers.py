@@ -66,7 +66,13 @@ class PatchTrigger(nn.Module):
     kind = "patch"
 
     def __init__(
-        self, image_size: int, size: int, top: int = -1, left: int = -1, patch: torch.Tensor | None = None, seed: int = 0
+        self,
+        image_size: int,
+        size: int,
+        top: int = -1,
+        left: int = -1,
+        patch: torch.Tensor | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0 < size <= image_size:
@@ -97,8 +103,12 @@ class PatchTrigger(nn.Module):
 
     def state(self) -> dict:
         return {
-            "kind": self.kind, "image_size": self.image_size, "size": self.size, "top": self.top,
-            "left": self.left, "patch": self.patch.detach().cpu().clone(),
+            "kind": self.kind,
+            "image_size": self.image_size,
+            "size": self.size,
+            "top": self.top,
+            "left": self.left,
+            "patch": self.patch.detach().cpu().clone(),
         }
 
 

@@ -103,8 +103,14 @@ class _KrumDetection:
         valid = [m for m in replies if not m.has_error()]
         f = krum_max_byzantine(len(valid), self.num_byzantine)
         if f < self.num_byzantine and valid:
-            log(WARNING, "%s: %d replies allow at most f=%d (configured %d)", type(self).__name__, len(valid), f,
-                self.num_byzantine)
+            log(
+                WARNING,
+                "%s: %d replies allow at most f=%d (configured %d)",
+                type(self).__name__,
+                len(valid),
+                f,
+                self.num_byzantine,
+            )
         self.num_malicious_nodes = f
         self.num_nodes_to_select = max(1, min(len(valid), self._num_to_select(len(valid), f)))
         self.last_excluded, self.last_weights = [], {}

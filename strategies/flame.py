@@ -61,9 +61,11 @@ def flame_filter(updates: NDArray) -> NDArray:
     n = updates.shape[0]
     if n < 3:
         return np.ones(n, dtype=bool)
-    labels = HDBSCAN(
-        min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True
-    ).fit(cosine_distances(updates)).labels_
+    labels = (
+        HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True)
+        .fit(cosine_distances(updates))
+        .labels_
+    )
     clustered = labels[labels >= 0]
     if clustered.size == 0:
         return np.ones(n, dtype=bool)

@@ -117,7 +117,7 @@ class FLTrust(GlobalArraysFedAvg):
         return unflatten_arrays(base + agg, global_arrays), metrics
 
 
-@register_strategy("fltrust")
+@register_strategy("fltrust", params={"fltrust-root-shots": 10})
 def fltrust(sctx: StrategyContext) -> FLTrust:
     """FLTrust; needs ``StrategyContext.server_update`` (the server's root-set training)."""
     if sctx.server_update is None:

@@ -43,12 +43,16 @@ class Recorder(Strategy):
         """Delegate."""
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global arrays sent, then delegate."""
         self._sent = {k: v.numpy().copy() for k, v in arrays.items()}
         return self.inner.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record what the evaluation needs, then delegate."""
         replies = list(replies)
         partitions: dict[int, int] = {}
@@ -87,7 +91,9 @@ class Recorder(Strategy):
         self.sink(info)
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Delegate."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 

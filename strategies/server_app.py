@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -33,9 +35,11 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
 def main(grid: Grid, context: Context) -> None:
     """Run federated prompt learning as configured by ``context.run_config``."""
     cfg = RunConfig.from_mapping(context.run_config)
-    run_dir = RunDir.create(cfg.resolved_run_dir(), cfg.to_dict())
+    run_dir = RunDir.create(cfg.resolved_run_dir(context.run_id), cfg.to_dict())
     log(INFO, "[fedsec] run directory: %s", run_dir.path)
     seed_everything(cfg.seed)
+    # Clients run one thread each; the server evaluates while they wait: use every core.
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     num_nodes = _wait_for_nodes(grid, cfg.min_train_nodes)
     evaluation = Evaluation(cfg, run_dir, num_nodes)
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
@@ -48,9 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
     init = ArrayRecord({"ctx": Array(evaluation.initial_ctx())})
-    result = strategy.start(
-        grid=grid, initial_arrays=init, num_rounds=cfg.num_server_rounds, evaluate_fn=evaluate_fn
-    )
+    result = strategy.start(grid=grid, initial_arrays=init, num_rounds=cfg.num_server_rounds, evaluate_fn=evaluate_fn)
     final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
     evaluation.finish(np.asarray(final))
 
@@ -74,11 +76,19 @@ def server_root_update(cfg: RunConfig):
         if not state:
             clip = clip_for(cfg)
             pool = load_dataset(cfg.dataset, "train", cfg.data_root)
-            shots = int(cfg.extra.get("fltrust-root-shots", 10))
+            shots = int(cfg.get("fltrust-root-shots"))
             idx = k_shot_indices(pool.labels, np.arange(len(pool)), shots, cfg.seed + 99_991)
             part = pool.subset(idx)
-            learner = PromptLearner(clip.model, clip.tokenizer, list(part.classnames), cfg.n_ctx, cfg.ctx_init,
-                                    cfg.class_token_position, cfg.class_specific, cfg.seed)
+            learner = PromptLearner(
+                clip.model,
+                clip.tokenizer,
+                list(part.classnames),
+                cfg.n_ctx,
+                cfg.ctx_init,
+                cfg.class_token_position,
+                cfg.class_specific,
+                cfg.seed,
+            )
             state["model"] = PromptCLIP(clip, learner.to(clip.device))
             state["features"] = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
             state["labels"] = torch.from_numpy(part.labels)
@@ -86,8 +96,17 @@ def server_root_update(cfg: RunConfig):
         model = state["model"]
         set_ctx(model, arrays["ctx"].numpy())
         state["calls"] += 1
-        train_on_features(model, state["features"], state["labels"], cfg.local_steps, cfg.batch_size, cfg.lr,
-                          cfg.momentum, cfg.weight_decay, cfg.seed * 31 + state["calls"])
+        train_on_features(
+            model,
+            state["features"],
+            state["labels"],
+            cfg.local_steps,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.seed * 31 + state["calls"],
+        )
         return ArrayRecord({"ctx": Array(get_ctx(model))})
 
     return update

@@ -60,8 +60,11 @@ def test_blend_trigger_formula():
 
 @pytest.mark.parametrize(
     "trigger",
-    [AdditiveTrigger(4, 0.1, torch.full((3, 4, 4), 0.05)), PatchTrigger(4, 2, 1, 1, seed=3),
-     BlendTrigger(torch.rand(3, 4, 4), 0.3)],
+    [
+        AdditiveTrigger(4, 0.1, torch.full((3, 4, 4), 0.05)),
+        PatchTrigger(4, 2, 1, 1, seed=3),
+        BlendTrigger(torch.rand(3, 4, 4), 0.3),
+    ],
 )
 def test_triggers_round_trip_through_plain_tensors(trigger):
     x = torch.rand(2, 3, 4, 4)
@@ -121,10 +124,12 @@ def test_attack_registry_and_params_are_declared():
 
 
 def test_active_rounds_window_and_probability(tmp_path):
-    cfg = RunConfig.from_mapping({"attack": "badnets", "num-malicious": 1, "attack-start-round": 2,
-                                  "attack-end-round": 3})
+    cfg = RunConfig.from_mapping(
+        {"attack": "badnets", "num-malicious": 1, "attack-start-round": 2, "attack-end-round": 3}
+    )
     atk = get_attack("badnets")(cfg, tmp_path)
     assert [atk.is_active(r) for r in range(1, 5)] == [False, True, True, False]
-    never = get_attack("badnets")(cfg.with_updates(extra={**cfg.extra, "attack-probability": 0.0,
-                                                           "attack-end-round": 0}), tmp_path)
+    never = get_attack("badnets")(
+        cfg.with_updates(extra={**cfg.extra, "attack-probability": 0.0, "attack-end-round": 0}), tmp_path
+    )
     assert not any(never.is_active(r) for r in range(2, 10))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from fedsec.config import ConfigError, RunConfig, all_extra_defaults
 from tests.conftest import ROOT
@@ -21,8 +20,19 @@ def test_pyproject_defaults_equal_config_defaults():
 
 def test_required_keys_exist():
     keys = set(RunConfig.keys())
-    for key in ("num-server-rounds", "run-dir", "seed", "dataset", "model", "pretrained", "n-ctx", "strategy",
-                "attack", "num-malicious", "target-label"):
+    for key in (
+        "num-server-rounds",
+        "run-dir",
+        "seed",
+        "dataset",
+        "model",
+        "pretrained",
+        "n-ctx",
+        "strategy",
+        "attack",
+        "num-malicious",
+        "target-label",
+    ):
         assert key in keys
 
 
@@ -57,3 +67,4 @@ def test_relative_run_dir_resolves_under_runs_root(tmp_path, monkeypatch):
     assert RunConfig.from_mapping({"run-dir": "/abs/x"}).resolved_run_dir().as_posix() == "/abs/x"
     auto = RunConfig.from_mapping({}).resolved_run_dir()
     assert auto.parent == tmp_path and auto.name.endswith("-none-fedavg")
+    assert RunConfig.from_mapping({}).resolved_run_dir(run_id=42).name == "run-42-none-fedavg"

@@ -34,3 +34,24 @@ def test_promptfl_simulation_beats_zero_shot(tmp_path):
     ident = json.loads((tmp_path / "run" / "final_prompt.json").read_text())
     assert len(ident["checkpoint_sha256"]) == 64 and ident["classnames"][0] == "t-shirt"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num-server-rounds"] == 3
+
+
+def test_attack_run_records_asr_trigger_and_detection(tmp_path):
+    # Prepare / Execute: BadPromptFL, 1 of 4 clients malicious, Krum (a detecting defense)
+    cfg = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "attack": "badpromptfl",
+        "num-malicious": 1,
+        "strategy": "krum",
+        "num-byzantine": 1,
+        "run-dir": str(tmp_path / "run"),
+    }
+    summary = run(ROOT, cfg, num_supernodes=4, quiet=True)
+    # Assert
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["asr"] is None and all(r["asr"] is not None for r in rows[1:])
+    assert all(0.0 <= r["trigger_only_asr"] <= 1.0 for r in rows[1:])
+    assert all("det_tpr" in r and "mal_cos_dist" in r for r in rows[1:])
+    assert summary["malicious_partitions"] and len(summary["malicious_partitions"]) == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "attacker").glob("round_*")) == ["round_0001", "round_0002"]

@@ -20,8 +20,9 @@ NAMES = ["t-shirt", "trouser", "ankle boot"]
 )
 def test_text_encoder_equals_encode_text_when_ctx_is_token_embeddings(random_clip, position, text_of):
     # Prepare: ctx initialised from the words "a photo of a"
-    learner = PromptLearner(random_clip.model, random_clip.tokenizer, NAMES, ctx_init="a photo of a",
-                            class_token_position=position)
+    learner = PromptLearner(
+        random_clip.model, random_clip.tokenizer, NAMES, ctx_init="a photo of a", class_token_position=position
+    )
     encoder = TextEncoder(random_clip.model)
     # Execute
     with torch.no_grad():

@@ -63,7 +63,17 @@ def test_sweep_resumes_after_kill_9(tmp_path):
         "[base]\nnum-server-rounds = 1\nk-shot = 2\nlocal-steps = 2\neval-samples = 300\n"
         "[grid]\nseed = [0, 1, 2]\n"
     )
-    cmd = [sys.executable, "-m", "fedsec.cli", "sweep", str(grid), "--app", str(ROOT), "--results", str(tmp_path / "res")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsec.cli",
+        "sweep",
+        str(grid),
+        "--app",
+        str(ROOT),
+        "--results",
+        str(tmp_path / "res"),
+    ]
     root = tmp_path / "runs" / "resume"
     # Execute: kill -9 the whole sweep as soon as the first run has finished
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,4 +91,3 @@ def test_sweep_resumes_after_kill_9(tmp_path):
     assert sorted(p.parent.name for p in root.glob("*/summary.json")) == ["seed=0", "seed=1", "seed=2"]
     assert (root / "seed=0" / "summary.json").stat().st_mtime == first
     assert (tmp_path / "res" / "resume.csv").read_text().count("\n") == 2  # header + one method (3 seeds)
-

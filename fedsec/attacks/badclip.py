@@ -76,7 +76,11 @@ class BadCLIP(PoisoningAttack):
         state = self.store.load(before_round=server_round)
         size = int(c.get("badclip-patch-size"))
         top = (clip.image_size - size) // 2
-        trigger = trigger_from_dict(state) if state is not None else PatchTrigger(clip.image_size, size, top, top, seed=c.seed)
+        trigger = (
+            trigger_from_dict(state)
+            if state is not None
+            else PatchTrigger(clip.image_size, size, top, top, seed=c.seed)
+        )
         target = int(c.target_label)
         is_target = data.labels == target
         if not bool(is_target.any()):
@@ -92,8 +96,13 @@ class BadCLIP(PoisoningAttack):
             patched = clip.encode_images(trigger(data.images[rows])).cpu()
             logits = clip.logit_scale * patched @ text.T
             loss = dual_embedding_loss(
-                patched, data.features[rows], anchors, logits, target,
-                float(c.get("badclip-margin")), float(c.get("badclip-triplet-weight")),
+                patched,
+                data.features[rows],
+                anchors,
+                logits,
+                target,
+                float(c.get("badclip-margin")),
+                float(c.get("badclip-triplet-weight")),
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -106,4 +106,7 @@ class BadPromptFL(Attack):
             losses.append(float(clean))
             bd_losses.append(float(bd))
         self.store.save(server_round, self.partition_id, trigger.state())
-        return {"train-loss": sum(losses) / max(len(losses), 1), "backdoor-loss": sum(bd_losses) / max(len(bd_losses), 1)}
+        return {
+            "train-loss": sum(losses) / max(len(losses), 1),
+            "backdoor-loss": sum(bd_losses) / max(len(bd_losses), 1),
+        }

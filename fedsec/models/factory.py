@@ -58,9 +58,7 @@ def embedded_manifest(model_name: str) -> dict:
     path = WEIGHTS_DIR / f"{model_name}.json"
     if not path.exists():
         shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
-        raise PretrainedUnavailable(
-            f"pretrained='embedded' is only available for {shipped}; got model {model_name!r}"
-        )
+        raise PretrainedUnavailable(f"pretrained='embedded' is only available for {shipped}; got model {model_name!r}")
     return json.loads(path.read_text())
 
 
@@ -229,9 +227,7 @@ def create_clip(
 
     register_configs()
     if model_name not in open_clip.list_models():
-        raise PretrainedUnavailable(
-            f"unknown model {model_name!r}; see open_clip.list_models() or add a JSON config"
-        )
+        raise PretrainedUnavailable(f"unknown model {model_name!r}; see open_clip.list_models() or add a JSON config")
     source, sha = resolve_pretrained(model_name, pretrained)
     sha = expected_sha256 or sha
     checkpoint, digest = "", ""
@@ -272,7 +268,15 @@ def create_clip(
     std = tuple(float(s) for s in getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     tokenizer = open_clip.get_tokenizer(model_name)
     return FrozenCLIP(
-        model, tokenizer, model_name, pretrained, checkpoint, digest, image_size, mean, std,
+        model,
+        tokenizer,
+        model_name,
+        pretrained,
+        checkpoint,
+        digest,
+        image_size,
+        mean,
+        std,
         torch.device(device),
     )
 
