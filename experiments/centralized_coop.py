@@ -30,10 +30,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("-c", "--run-config", action="append", default=[], help="key=value (prompt layout etc.)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "centralized_coop.json"))
     args = ap.parse_args()
 
-    cfg = RunConfig.from_mapping({})
+    from fedsec.launch import parse_overrides
+
+    cfg = RunConfig.from_mapping(parse_overrides(args.run_config))
     clip = clip_for(cfg)
     pool, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     test_feats = clip.encode_images_batched(prepare_images(test.images, clip.image_size, test.fit))
@@ -72,6 +75,7 @@ def main() -> None:
         "k_shot": args.k_shot,
         "steps": args.steps,
         "lr": args.lr,
+        "config": {k: cfg.get(k) for k in ("n-ctx", "ctx-init", "class-specific", "class-token-position")},
         "runs": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

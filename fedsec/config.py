@@ -93,7 +93,7 @@ class RunConfig:
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     class_token_position: str = "end"
-    class_specific: bool = False
+    class_specific: bool = True
     prompt_template: str = "a photo of a {}."
     device: str = "auto"
     # local training
