@@ -179,7 +179,7 @@ class Deployment:
         self.node_ids: dict[int, str] = {}  # partition id -> registered node id
         self.ports: list[int] = []  # ports our servers listen on (on this machine)
         self.timings: dict[str, float] = {}
-        self._pid_file = cfg.work_dir / "deploy.pids"
+        self.pid_dir = cfg.work_dir / "pids"  # <name>.pid while it runs: a killed launcher's leftovers
 
     # -- helpers ---------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -201,29 +201,24 @@ class Deployment:
         log.close()
         self.procs[name] = proc
         self.started_pids.add(proc.pid)
-        self._write_pids()
+        self.pid_dir.mkdir(exist_ok=True)
+        (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc
 
-    def _write_pids(self) -> None:
-        self._pid_file.write_text(json.dumps({n: p.pid for n, p in self.procs.items()}))
-
-    def _reap_stale(self) -> None:
-        """Stop Flower processes a killed launcher of ours left behind in this work dir."""
-        if not self._pid_file.exists():
+    def _reap_stale(self, name: str) -> None:
+        """Stop the process ``name`` that a killed launcher using this work dir left behind."""
+        pid_file = self.pid_dir / f"{name}.pid"
+        if not pid_file.exists():
             return
         try:
-            pids = json.loads(self._pid_file.read_text()).values()
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except (OSError, ValueError):
-            pids = []
-        for pid in pids:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "flower-" in cmdline or "flwr" in cmdline:
-                self._say(f"stopping stale process {pid} from an earlier run")
-                kill_tree(int(pid), grace_s=5.0)
-        self._pid_file.unlink(missing_ok=True)
+            pid, cmdline = 0, ""
+        if pid and "flower-" in cmdline and _alive(pid):
+            self._say(f"stopping stale {name} (pid {pid}) from an earlier launcher")
+            kill_tree(pid, grace_s=5.0)
+        pid_file.unlink(missing_ok=True)
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against our connection (FLWR_HOME in the work dir)."""
@@ -333,7 +328,7 @@ class Deployment:
         """Start ``flower-superlink`` and wait until it answers; write the connection."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        self._reap_stale()
+        self._reap_stale("superlink")
         bind_host = "127.0.0.1" if cfg.superlink_host in ("", "0.0.0.0") else cfg.superlink_host
         if not port_free(cfg.superlink_port, bind_host):
             raise RuntimeError(f"port {cfg.superlink_port} on {bind_host} is in use; choose another --port")
@@ -414,6 +409,7 @@ class Deployment:
         cfg = self.cfg
         assert cfg.partition_ids is not None
         for k, pid in enumerate(cfg.partition_ids):
+            self._reap_stale(f"supernode-{pid}")
             port = cfg.node_port(k)
             if not port_free(port, cfg.node_host):
                 raise RuntimeError(f"port {port} on {cfg.node_host} is in use; choose another --node-port-base")
@@ -579,8 +575,8 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
         self.procs.clear()
-        self._pid_file.unlink(missing_ok=True)
         leftovers = [p for p in self.stopped_pids if pid_alive(p)]
         if leftovers:
             self._say(f"WARNING: still alive after stop: {leftovers}")
