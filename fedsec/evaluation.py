@@ -215,6 +215,8 @@ def format_table(
     def cell(k: str, v) -> str:
         if v is None:
             return "-"
+        if isinstance(v, str):
+            return v
         if k.endswith(("acc", "asr", "tpr", "fpr")):
             return f"{100 * v:.1f}%"
         if isinstance(v, float):

@@ -103,8 +103,8 @@ class BadPromptFL(Attack):
             if mode == "joint":
                 opt_trig.step()
                 trigger.project()
-            losses.append(float(clean))
-            bd_losses.append(float(bd))
+            losses.append(clean.item())
+            bd_losses.append(bd.item())
         self.store.save(server_round, self.partition_id, trigger.state())
         return {
             "train-loss": sum(losses) / max(len(losses), 1),
