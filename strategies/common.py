@@ -175,6 +175,22 @@ class GlobalArraysFedAvg(FedAvg):
             raise RuntimeError(f"{type(self).__name__}.aggregate_train needs configure_train to run first")
         return self.global_arrays
 
+    def start_aggregation(self, replies: Iterable[Message]) -> tuple[list[Message], NDArray] | None:
+        """Reset detection, keep the replies without errors and stack their updates.
+
+        Returns
+        -------
+        tuple or None
+            ``(valid replies, updates)`` with one flattened update (client arrays
+            minus the global arrays) per row, or ``None`` when no reply is valid.
+        """
+        self.reset_detection()
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None
+        updates = stack_updates([m.content for m in valid], self.require_global_arrays(), self.arrayrecord_key)
+        return valid, updates
+
     def reset_detection(self) -> None:
         """Clear the detection information before a new aggregation."""
         self.last_excluded = []

@@ -25,7 +25,6 @@ from strategies.common import (
     NDArray,
     flatten_arrays,
     node_id,
-    stack_updates,
     unflatten_arrays,
 )
 from strategies.norm_clip import clip_updates
@@ -158,13 +157,12 @@ class Flame(GlobalArraysFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the majority cluster's clipped updates plus noise."""
-        self.reset_detection()
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        started = self.start_aggregation(replies)
+        if started is None:
             return None, None
+        valid, updates = started
         global_arrays = self.require_global_arrays()
         contents = [m.content for m in valid]
-        updates = stack_updates(contents, global_arrays, self.arrayrecord_key)
         result = flame_aggregate(updates, self.noise_lambda, self.rng)
         self.last_clip_bound = result.clip_bound
         self.set_detection([node_id(m) for m in valid], result.kept.astype(np.float64))

@@ -27,7 +27,6 @@ from strategies.common import (
     NDArray,
     flatten_arrays,
     node_id,
-    stack_updates,
     unflatten_arrays,
 )
 from strategies.registry import StrategyContext, register_strategy
@@ -124,13 +123,12 @@ class FoolsGold(GlobalArraysFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Update the histories and aggregate with FoolsGold weights."""
-        self.reset_detection()
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        started = self.start_aggregation(replies)
+        if started is None:
             return None, None
+        valid, updates = started
         global_arrays = self.require_global_arrays()
         contents = [m.content for m in valid]
-        updates = stack_updates(contents, global_arrays, self.arrayrecord_key)
         ids = [node_id(m) for m in valid]
         for i, u in zip(ids, updates, strict=True):
             prev = self.histories.get(i)

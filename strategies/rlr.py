@@ -28,7 +28,6 @@ from strategies.common import (
     NDArray,
     example_weights,
     flatten_arrays,
-    stack_updates,
     unflatten_arrays,
 )
 from strategies.registry import StrategyContext, register_strategy
@@ -112,13 +111,12 @@ class RobustLR(GlobalArraysFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate updates with the robust learning rate."""
-        self.reset_detection()
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        started = self.start_aggregation(replies)
+        if started is None:
             return None, None
+        valid, updates = started
         global_arrays = self.require_global_arrays()
         contents = [m.content for m in valid]
-        updates = stack_updates(contents, global_arrays, self.arrayrecord_key)
         weights = example_weights(contents, self.weighted_by_key)
         theta = rlr_threshold_count(self.threshold, len(valid))
         agg, lr = rlr_aggregate(updates, weights, theta)

@@ -21,15 +21,15 @@ PARAMS: dict[str, object] = {
     **COMMON_PARAMS,
     "trigger-type": "patch",
     "trigger-eps": 8 / 255,
-    "patch-size": 6,
+    "patch-size": 8,
     "patch-top": -1,
     "patch-left": -1,
-    "backdoor-weight": 1.0,
+    "backdoor-weight": 2.0,
     "trigger-lr": 0.05,
     "attack-mode": "joint",
     "trigger-steps": 25,
-    "attack-local-steps": 0,
-    "attack-lr": 0.0,
+    "attack-local-steps": 50,
+    "attack-lr": 0.005,
 }
 
 

@@ -17,7 +17,7 @@ from fedsec.triggers import BlendTrigger, PatchTrigger
 POISON_PARAMS: dict[str, object] = {
     **COMMON_PARAMS,
     "poison-rate": 0.5,
-    "patch-size": 6,
+    "patch-size": 8,
     "patch-top": -1,
     "patch-left": -1,
     "blend-alpha": 0.2,
