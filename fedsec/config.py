@@ -79,6 +79,7 @@ class RunConfig:
 
     num_server_rounds: int = 20
     run_dir: str = ""
+    resume: bool = False
     seed: int = 0
     # data
     dataset: str = "fashion-mnist"

@@ -79,6 +79,14 @@ class Evaluation:
         )
 
     # ---------------------------------------------------------------- API
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue an interrupted run: its metric history and benign-only shadow prompt."""
+        self.history = self.run_dir.metrics()
+        if "shadow_ctx" in arrays:
+            self.shadow_ctx = np.asarray(arrays["shadow_ctx"], dtype=np.float32)
+        if self.history and "elapsed_s" in self.history[-1]:
+            self.t_start -= float(self.history[-1]["elapsed_s"])
+
     def initial_ctx(self) -> np.ndarray:
         """The initial global ctx (from ``ctx-init`` or a seeded random init)."""
         return self.init_ctx.copy()
@@ -151,7 +159,7 @@ class Evaluation:
         self.t_last = now
         self.history.append(row)
         self.run_dir.append_metrics(row)
-        self.run_dir.write_checkpoint(server_round, {"ctx": ctx})
+        self.run_dir.write_checkpoint(server_round, {"ctx": ctx, "shadow_ctx": self.shadow_ctx})
         asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
         log(
             INFO,

@@ -56,6 +56,24 @@ class RunDir:
         (path / "metrics.jsonl").write_text("")
         return cls(path)
 
+    @classmethod
+    def reopen(cls, path: Path) -> tuple[RunDir, int, dict[str, np.ndarray]] | None:
+        """Reopen an interrupted run at its newest checkpoint.
+
+        Metric rows after the checkpointed round (a round cut off midway) are
+        dropped. Returns ``(run_dir, round, arrays)``, or ``None`` when the
+        directory holds no checkpoint.
+        """
+        rd = cls(Path(path))
+        last = rd.last_checkpoint() if (rd.path / "checkpoints").exists() else None
+        if last is None:
+            return None
+        rnd, arrays = last
+        rows = [r for r in rd.metrics() if r.get("round", 0) <= rnd]
+        (rd.path / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        (rd.path / "summary.json").unlink(missing_ok=True)
+        return rd, rnd, arrays
+
     # ------------------------------------------------------------- writing
     def append_metrics(self, row: dict) -> None:
         """Append one round's metrics as a JSON line."""

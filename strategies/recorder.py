@@ -23,6 +23,9 @@ class Recorder(Strategy):
     ----------
     inner : Strategy
         The strategy doing the work (e.g. ``Validated(defense)``).
+    round_offset : int
+        Rounds already done before this ``start`` (a resumed run): the inner
+        strategy and the clients see the run's true round numbers.
     sink : callable
         Receives a dict with ``partitions`` (node id -> partition id),
         ``updates`` (partition id -> flattened update), ``flagged`` (partition
@@ -30,9 +33,10 @@ class Recorder(Strategy):
         nothing), ``train_loss``, ``rejected``, ``num_replies``.
     """
 
-    def __init__(self, inner: Strategy, sink) -> None:
+    def __init__(self, inner: Strategy, sink, round_offset: int = 0) -> None:
         self.inner = inner
         self.sink = sink
+        self.round_offset = round_offset
         self._sent: dict[str, np.ndarray] = {}
 
     def __getattr__(self, name: str):
@@ -48,7 +52,7 @@ class Recorder(Strategy):
     ) -> Iterable[Message]:
         """Remember the global arrays sent, then delegate."""
         self._sent = {k: v.numpy().copy() for k, v in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -69,7 +73,7 @@ class Recorder(Strategy):
                     updates[pid] = (ctx - self._sent["ctx"]).astype(np.float64).ravel()
             except Exception:  # malformed replies are the validator's business
                 continue
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
         flagged = None
         if getattr(self.inner, "reports_detection", False):
             excluded = set(getattr(self.inner, "last_excluded", []) or [])
@@ -95,8 +99,8 @@ class Recorder(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)

@@ -35,8 +35,11 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
 def main(grid: Grid, context: Context) -> None:
     """Run federated prompt learning as configured by ``context.run_config``."""
     cfg = RunConfig.from_mapping(context.run_config)
-    run_dir = RunDir.create(cfg.resolved_run_dir(context.run_id), cfg.to_dict())
-    log(INFO, "[fedsec] run directory: %s", run_dir.path)
+    path = cfg.resolved_run_dir(context.run_id)
+    reopened = RunDir.reopen(path) if cfg.resume else None
+    done, arrays = (reopened[1], reopened[2]) if reopened else (0, {})
+    run_dir = reopened[0] if reopened else RunDir.create(path, cfg.to_dict())
+    log(INFO, "[fedsec] run directory: %s%s", run_dir.path, f" (resuming after round {done})" if done else "")
     seed_everything(cfg.seed)
     # Clients run one thread each; the server evaluates while they wait: use every core.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -45,14 +48,19 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
 
     sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg))
-    strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round)
+    strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round, round_offset=done)
+    if done:
+        evaluation.restore(arrays)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        row = evaluation.evaluate_round(server_round, arrays["ctx"].numpy())
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if done and server_round == 0:
+            return None  # the checkpointed round was evaluated before the interruption
+        row = evaluation.evaluate_round(server_round + done, arrays["ctx"].numpy())
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
-    init = ArrayRecord({"ctx": Array(evaluation.initial_ctx())})
-    result = strategy.start(grid=grid, initial_arrays=init, num_rounds=cfg.num_server_rounds, evaluate_fn=evaluate_fn)
+    init = ArrayRecord({"ctx": Array(arrays["ctx"] if done else evaluation.initial_ctx())})
+    rounds_left = max(0, cfg.num_server_rounds - done)
+    result = strategy.start(grid=grid, initial_arrays=init, num_rounds=rounds_left, evaluate_fn=evaluate_fn)
     final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
     evaluation.finish(np.asarray(final))
 
