@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 NDArray = np.ndarray
 
@@ -213,3 +213,29 @@ class GlobalArraysFedAvg(FedAvg):
         self.last_excluded = [int(i) for i, w in zip(ids, weights, strict=True) if w <= 0]
         if self.last_excluded:
             log(INFO, "%s: excluded nodes %s", type(self).__name__, self.last_excluded)
+
+
+class StrategyWrapper(Strategy):
+    """Base of strategies that wrap another one (``Validated``, ``NormClipWrapper``).
+
+    Attributes not found on the wrapper (``fraction_train``, ``reports_detection``,
+    user attributes...) are read from ``inner``, and so is the detection
+    information of its last aggregation.
+    """
+
+    inner: Strategy
+
+    def __getattr__(self, name: str) -> object:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def last_excluded(self) -> list[int]:
+        """Node ids excluded by ``inner`` in its last aggregation."""
+        return list(getattr(self.inner, "last_excluded", []))
+
+    @property
+    def last_weights(self) -> dict[int, float]:
+        """Per-node weights of ``inner``'s last aggregation."""
+        return dict(getattr(self.inner, "last_weights", {}))

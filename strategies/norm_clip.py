@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from strategies.common import (
     GlobalArraysFedAvg,
     NDArray,
+    StrategyWrapper,
     copy_arrays,
     copy_reply,
     flatten_arrays,
@@ -145,7 +146,7 @@ class NormClip(GlobalArraysFedAvg):
         return super().aggregate_train(server_round, clipped_replies)
 
 
-class NormClipWrapper(Strategy):
+class NormClipWrapper(StrategyWrapper):
     """Clip updates to ``clip_norm`` in front of any strategy.
 
     ``configure_*`` and ``aggregate_evaluate`` are delegated to ``inner``;
@@ -170,21 +171,6 @@ class NormClipWrapper(Strategy):
         self.clip_norm = clip_norm
         self.array_key = array_key or getattr(inner, "arrayrecord_key", "arrays")
         self.global_arrays: ArrayRecord | None = None
-
-    def __getattr__(self, name: str) -> object:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def last_excluded(self) -> list[int]:
-        """Node ids excluded by ``inner`` in its last aggregation."""
-        return list(getattr(self.inner, "last_excluded", []))
-
-    @property
-    def last_weights(self) -> dict[int, float]:
-        """Per-node weights of ``inner``'s last aggregation."""
-        return dict(getattr(self.inner, "last_weights", {}))
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from strategies.common import copy_arrays, copy_reply, node_id
+from strategies.common import StrategyWrapper, copy_arrays, copy_reply, node_id
 
 #: Default bound on the serialized size of the arrays of one reply.
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -200,7 +200,7 @@ def common_metric_keys(records: list[MetricRecord]) -> list[str]:
     return [k for k in keys if len({shape(r[k]) for r in records}) == 1]
 
 
-class Validated(Strategy):
+class Validated(StrategyWrapper):
     """Drop invalid replies before ``inner`` aggregates.
 
     ``configure_train`` remembers the arrays sent; ``aggregate_train`` rejects
@@ -241,11 +241,6 @@ class Validated(Strategy):
         self.last_rejected: list[tuple[int, str]] = []
         self.last_rejected_evaluate: list[tuple[int, str]] = []
 
-    def __getattr__(self, name: str) -> object:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     # -- keys of the wrapped strategy ---------------------------------------
     @property
     def array_key(self) -> str:
@@ -256,16 +251,6 @@ class Validated(Strategy):
     def weight_key(self) -> str:
         """Metric used as weight (``inner.weighted_by_key`` or ``"num-examples"``)."""
         return str(_find_attr(self.inner, "weighted_by_key", "num-examples"))
-
-    @property
-    def last_excluded(self) -> list[int]:
-        """Node ids excluded by ``inner`` in its last aggregation."""
-        return list(getattr(self.inner, "last_excluded", []))
-
-    @property
-    def last_weights(self) -> dict[int, float]:
-        """Per-node weights of ``inner``'s last aggregation."""
-        return dict(getattr(self.inner, "last_weights", {}))
 
     # -- Strategy ---------------------------------------------------------------
     def summary(self) -> None:
