@@ -15,8 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.common import StrategyWrapper
 
-class Recorder(Strategy):
+
+class Recorder(StrategyWrapper):
     """Wrap ``inner`` and report each round to ``sink(info: dict)``.
 
     Parameters
@@ -38,10 +40,6 @@ class Recorder(Strategy):
         self.sink = sink
         self.round_offset = round_offset
         self._sent: dict[str, np.ndarray] = {}
-
-    def __getattr__(self, name: str):
-        # Anything else (e.g. ``last_excluded``, user attributes) comes from the inner strategy.
-        return getattr(self.__dict__["inner"], name)
 
     def summary(self) -> None:
         """Delegate."""
