@@ -64,6 +64,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "fraction-train": (0.0, 1.0),
     "fraction-evaluate": (0.0, 1.0),
     "min-train-nodes": (1, None),
+    "round-timeout": (1.0, None),
     "seed": (0, None),
     "eval-samples": (0, None),
     "asr-eval-samples": (0, None),
@@ -108,6 +109,7 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower's default)
     # evaluation
     eval_samples: int = 0
     asr_eval_samples: int = 2000

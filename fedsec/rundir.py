@@ -9,6 +9,9 @@ Layout (all paths relative to the absolute run directory)::
     final_prompt.json     what re-evaluating it needs: model, checkpoint + SHA-256,
                           class names, prompt layout, dataset and split identity
     checkpoints/round_NNNN.npz   global ctx after every round (+ "round")
+    checkpoints/strategy_NNNN.npz   the strategy's state after that round (FoolsGold's
+                          histories, FLAME's noise generator, the global RNGs;
+                          written before round_NNNN.npz, read on resume)
     attacker/             the colluding attackers' store (trigger), if any
     flwr.log              the Flower log of the run (when started by fedsec.launch)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +85,19 @@ class RunDir:
             fh.write(json.dumps(_clean(row), sort_keys=True) + "\n")
 
     def write_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray]) -> Path:
-        """Save the global arrays after ``server_round``."""
+        """Save the global arrays after ``server_round`` (atomically: a killed writer leaves no torn file)."""
         out = self.path / "checkpoints" / f"round_{server_round:04d}.npz"
-        np.savez(out, round=np.int64(server_round), **arrays)
+        _savez_atomic(out, round=np.int64(server_round), **arrays)
+        return out
+
+    def write_strategy_state(self, server_round: int, state: dict[str, np.ndarray]) -> Path:
+        """Save the strategy's state after ``server_round`` (see :mod:`strategies.state`).
+
+        Written before the round's ``round_NNNN.npz``, so every checkpointed
+        round has its strategy state.
+        """
+        out = self.path / "checkpoints" / f"strategy_{server_round:04d}.npz"
+        _savez_atomic(out, **state)
         return out
 
     def write_json(self, name: str, obj: dict) -> None:
@@ -110,6 +124,14 @@ class RunDir:
         p = self.path / "summary.json"
         return json.loads(p.read_text()) if p.exists() else None
 
+    def strategy_state(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """The strategy state saved after ``server_round``, or ``None`` (a run from before it was saved)."""
+        p = self.path / "checkpoints" / f"strategy_{server_round:04d}.npz"
+        if not p.exists():
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
     def last_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """The newest per-round checkpoint, or ``None``."""
         ckpts = sorted((self.path / "checkpoints").glob("round_*.npz"))
@@ -118,3 +140,11 @@ class RunDir:
         with np.load(ckpts[-1]) as z:
             arrays = {k: z[k] for k in z.files if k != "round"}
             return int(z["round"]), arrays
+
+
+def _savez_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """``numpy.savez`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)

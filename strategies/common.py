@@ -58,6 +58,33 @@ def node_id(msg: Message) -> int:
     return int(msg.metadata.src_node_id)
 
 
+def client_key(msg: Message, metric_key: str = "partition-id") -> int:
+    """A client identity that survives restarts: the reported ``partition-id``, else the node id.
+
+    Node ids are not stable: the simulation draws new ones for every run (so a
+    resumed run has new ones) and a restarted SuperNode without node
+    authentication registers under a new one. The fedsec ClientApp reports its
+    partition (its ``--node-config``) in every training reply's metrics.
+
+    Parameters
+    ----------
+    msg : Message
+        A training reply.
+    metric_key : str
+        Name of the reported identity in the reply's metric records.
+
+    Returns
+    -------
+    int
+        The reported partition id, or ``node_id(msg)`` when none is reported.
+    """
+    if msg.has_content():
+        for record in msg.content.metric_records.values():
+            if metric_key in record:
+                return int(record[metric_key])
+    return node_id(msg)
+
+
 def copy_arrays(arrays: ArrayRecord) -> ArrayRecord:
     """A deep copy of an ``ArrayRecord``."""
     return ArrayRecord({k: Array(np.array(v.numpy(), copy=True)) for k, v in arrays.items()})

@@ -29,6 +29,7 @@ from strategies.common import (
 )
 from strategies.norm_clip import clip_updates
 from strategies.registry import StrategyContext, register_strategy
+from strategies.state import from_json_array, json_array
 
 
 def cosine_distances(updates: NDArray) -> NDArray:
@@ -152,6 +153,15 @@ class Flame(GlobalArraysFedAvg):
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> FLAME: noise lambda %s", self.noise_lambda)
         super().summary()
+
+    def state_dict(self) -> dict[str, NDArray]:
+        """The noise generator's state (``rng``, JSON in a 0-d array)."""
+        return {"rng": json_array(self.rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, NDArray]) -> None:
+        """Continue the noise generator from :meth:`state_dict`."""
+        if "rng" in state:
+            self.rng.bit_generator.state = from_json_array(state["rng"])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -67,7 +67,9 @@ class FLTrust(GlobalArraysFedAvg):
     ----------
     server_update : callable
         ``ArrayRecord -> ArrayRecord``: the server's trained arrays starting
-        from the given global arrays.
+        from the given global arrays. If it has ``state_dict``/``load_state_dict``
+        (the ServerApp's root-set trainer keeps a call counter that seeds it),
+        they are part of this strategy's checkpointed state.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
@@ -89,6 +91,18 @@ class FLTrust(GlobalArraysFedAvg):
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> FLTrust: server update from the root set")
         super().summary()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The server update's state (``server-update.<key>``), when it exposes a ``state_dict``."""
+        fn = getattr(self.server_update, "state_dict", None)
+        return {f"server-update.{k}": np.asarray(v) for k, v in fn().items()} if callable(fn) else {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Hand the ``server-update.*`` entries to the server update's ``load_state_dict``."""
+        fn = getattr(self.server_update, "load_state_dict", None)
+        own = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("server-update.")}
+        if callable(fn) and own:
+            fn(own)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

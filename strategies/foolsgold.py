@@ -8,6 +8,11 @@ rescales them to a maximum of 1 and passes them through the logit function,
 exactly as in the reference code (github.com/DistributedML/FoolsGold). Sybils
 that push the same direction end up with weight 0.
 
+Histories are keyed by the client's reported ``partition-id`` (node id when
+absent; see :func:`strategies.common.client_key`), so they survive a restarted
+SuperNode and a resumed run, whose node ids are new. ``state_dict`` /
+``load_state_dict`` checkpoint them (:mod:`strategies.state`).
+
 The reference applies the weights to a gradient sum; for model updates we use
 the weighted mean ``sum_i w_i u_i / sum_i w_i`` (equal to FedAvg's unweighted
 mean when every weight is 1). If every weight is 0 the global model is kept.
@@ -25,6 +30,7 @@ from flwr.common.logger import log
 from strategies.common import (
     GlobalArraysFedAvg,
     NDArray,
+    client_key,
     flatten_arrays,
     node_id,
     unflatten_arrays,
@@ -104,7 +110,7 @@ class FoolsGold(GlobalArraysFedAvg):
     Attributes
     ----------
     histories : dict[int, NDArray]
-        Node id -> sum of all updates received from that node.
+        Client key (reported partition id, else node id) -> sum of all updates received from it.
     """
 
     #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
@@ -116,8 +122,18 @@ class FoolsGold(GlobalArraysFedAvg):
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> FoolsGold: per-node update histories, pardoning, logit weights")
+        log(INFO, "\t├──> FoolsGold: per-client update histories, pardoning, logit weights")
         super().summary()
+
+    def state_dict(self) -> dict[str, NDArray]:
+        """The update histories, ``history.<client key>`` -> summed update (copies)."""
+        return {f"history.{k}": v.copy() for k, v in sorted(self.histories.items())}
+
+    def load_state_dict(self, state: dict[str, NDArray]) -> None:
+        """Replace the histories with those of :meth:`state_dict`."""
+        self.histories = {
+            int(k.split(".", 1)[1]): np.array(v, dtype=np.float64) for k, v in state.items() if k.startswith("history.")
+        }
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -130,10 +146,11 @@ class FoolsGold(GlobalArraysFedAvg):
         global_arrays = self.require_global_arrays()
         contents = [m.content for m in valid]
         ids = [node_id(m) for m in valid]
-        for i, u in zip(ids, updates, strict=True):
-            prev = self.histories.get(i)
-            self.histories[i] = u.copy() if prev is None or prev.shape != u.shape else prev + u
-        weights = foolsgold_weights(np.stack([self.histories[i] for i in ids]))
+        keys = [client_key(m) for m in valid]
+        for k, u in zip(keys, updates, strict=True):
+            prev = self.histories.get(k)
+            self.histories[k] = u.copy() if prev is None or prev.shape != u.shape else prev + u
+        weights = foolsgold_weights(np.stack([self.histories[k] for k in keys]))
         self.set_detection(ids, weights)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if float(weights.sum()) <= 0.0:

@@ -4,14 +4,22 @@ It records, for the evaluation only, which partition each replying node holds,
 each reply's update (for stealth metrics) and which nodes the defense
 excluded or down-weighted (for detection metrics). It changes nothing in the
 aggregation.
+
+It also accounts for faults: instructions whose reply is a Flower error (a
+SuperNode that died: ``Node Unavailable`` once its heartbeat lapses; a crashed
+ClientApp) and instructions without any reply within the round timeout are
+logged with their node ids and counted in the round's row
+(``failed_replies``, ``missing_replies``, ``failed_nodes``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -32,7 +40,9 @@ class Recorder(StrategyWrapper):
         Receives a dict with ``partitions`` (node id -> partition id),
         ``updates`` (partition id -> flattened update), ``flagged`` (partition
         ids excluded or down-weighted, or ``None`` when the rule reports
-        nothing), ``train_loss``, ``rejected``, ``num_replies``.
+        nothing), ``train_loss``, ``rejected``, ``num_replies``, and the fault
+        counts ``num_sent``, ``failed_replies`` (error replies),
+        ``missing_replies`` (no reply in time) and ``failed_nodes`` (their node ids).
     """
 
     def __init__(self, inner: Strategy, sink, round_offset: int = 0) -> None:
@@ -40,6 +50,7 @@ class Recorder(StrategyWrapper):
         self.sink = sink
         self.round_offset = round_offset
         self._sent: dict[str, np.ndarray] = {}
+        self._instructions: list[Message] = []  # this round's (Flower sets their message ids when pushing)
 
     def summary(self) -> None:
         """Delegate."""
@@ -50,7 +61,8 @@ class Recorder(StrategyWrapper):
     ) -> Iterable[Message]:
         """Remember the global arrays sent, then delegate."""
         self._sent = {k: v.numpy().copy() for k, v in arrays.items()}
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        self._instructions = list(self.inner.configure_train(server_round + self.round_offset, arrays, config, grid))
+        return self._instructions
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -71,6 +83,19 @@ class Recorder(StrategyWrapper):
                     updates[pid] = (ctx - self._sent["ctx"]).astype(np.float64).ravel()
             except Exception:  # malformed replies are the validator's business
                 continue
+        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._instructions}
+        faults = round_faults(sent_to, replies)
+        if faults["failed_nodes"]:
+            log(
+                WARNING,
+                "round %d: %d of %d nodes failed (error replies %d, no reply in time %d): nodes %s",
+                server_round + self.round_offset,
+                len(faults["failed_nodes"]),
+                faults["num_sent"],
+                faults["failed_replies"],
+                faults["missing_replies"],
+                faults["failed_nodes"],
+            )
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
         flagged = None
         if getattr(self.inner, "reports_detection", False):
@@ -85,6 +110,7 @@ class Recorder(StrategyWrapper):
             "updates": updates,
             "flagged": flagged,
             "num_replies": len(replies),
+            **faults,
         }
         if metrics is not None:
             for key in ("train-loss", "train-acc", "rejected-replies"):
@@ -102,3 +128,39 @@ class Recorder(StrategyWrapper):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Delegate."""
         return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+
+
+def round_faults(sent_to: dict[str, int], replies: list[Message]) -> dict:
+    """Which instructions of a round failed: an error reply, or no reply at all.
+
+    Parameters
+    ----------
+    sent_to : dict[str, int]
+        Instruction message id -> destination node id (what was sent).
+    replies : list[Message]
+        What ``grid.send_and_receive`` returned (replies and Flower's error replies).
+
+    Returns
+    -------
+    dict
+        ``num_sent``, ``failed_replies`` (error replies), ``missing_replies``
+        (instructions without a reply) and ``failed_nodes`` (sorted node ids of both).
+    """
+    failed: set[int] = set()
+    answered: set[str] = set()
+    errors = 0
+    for msg in replies:
+        ref = msg.metadata.reply_to_message_id
+        answered.add(ref)
+        if msg.has_error():
+            errors += 1
+            # Flower's own error replies (node unavailable) come from the SuperLink's id: use the instruction's.
+            failed.add(sent_to.get(ref, int(msg.metadata.src_node_id)))
+    missing = [node for mid, node in sent_to.items() if mid not in answered]
+    failed.update(missing)
+    return {
+        "num_sent": len(sent_to),
+        "failed_replies": errors,
+        "missing_replies": len(missing),
+        "failed_nodes": sorted(failed),
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from fedsec.node import seed_everything
 from fedsec.rundir import RunDir
 from strategies.recorder import Recorder
 from strategies.registry import StrategyContext, build_strategy
+from strategies.state import collect_state, restore_state
 
 app = ServerApp()
 
@@ -51,16 +52,25 @@ def main(grid: Grid, context: Context) -> None:
     strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round, round_offset=done)
     if done:
         evaluation.restore(arrays)
+        saved = run_dir.strategy_state(done)
+        if saved is not None:
+            restore_state(strategy, saved)  # FoolsGold histories, FLAME's generator, global RNGs
+        else:
+            log(WARNING, "[fedsec] no strategy state for round %d: stateful defenses restart empty", done)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if done and server_round == 0:
             return None  # the checkpointed round was evaluated before the interruption
+        if server_round > 0:  # before the round's checkpoint, so a checkpointed round always has its state
+            run_dir.write_strategy_state(server_round + done, collect_state(strategy))
         row = evaluation.evaluate_round(server_round + done, arrays["ctx"].numpy())
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
     init = ArrayRecord({"ctx": Array(arrays["ctx"] if done else evaluation.initial_ctx())})
     rounds_left = max(0, cfg.num_server_rounds - done)
-    result = strategy.start(grid=grid, initial_arrays=init, num_rounds=rounds_left, evaluate_fn=evaluate_fn)
+    result = strategy.start(
+        grid=grid, initial_arrays=init, num_rounds=rounds_left, timeout=cfg.round_timeout, evaluate_fn=evaluate_fn
+    )
     final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
     evaluation.finish(np.asarray(final))
 
@@ -81,7 +91,7 @@ def server_root_update(cfg: RunConfig):
         from fedsec.node import clip_for, get_ctx, set_ctx
         from fedsec.training import train_on_features
 
-        if not state:
+        if "model" not in state:
             clip = clip_for(cfg)
             pool = load_dataset(cfg.dataset, "train", cfg.data_root)
             shots = int(cfg.get("fltrust-root-shots"))
@@ -100,7 +110,7 @@ def server_root_update(cfg: RunConfig):
             state["model"] = PromptCLIP(clip, learner.to(clip.device))
             state["features"] = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
             state["labels"] = torch.from_numpy(part.labels)
-            state["calls"] = 0
+            state.setdefault("calls", 0)
         model = state["model"]
         set_ctx(model, arrays["ctx"].numpy())
         state["calls"] += 1
@@ -117,6 +127,9 @@ def server_root_update(cfg: RunConfig):
         )
         return ArrayRecord({"ctx": Array(get_ctx(model))})
 
+    # The call counter seeds each call: FLTrust checkpoints it through these (strategies.state).
+    update.state_dict = lambda: {"calls": np.int64(state.get("calls", 0))}  # type: ignore[attr-defined]
+    update.load_state_dict = lambda d: state.__setitem__("calls", int(d["calls"]))  # type: ignore[attr-defined]
     return update
 
 
