@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import signal
@@ -408,39 +409,98 @@ class Deployment:
         """Start one ``flower-supernode`` per partition id (each its own Runtime API port and FLWR_HOME)."""
         cfg = self.cfg
         assert cfg.partition_ids is not None
-        for k, pid in enumerate(cfg.partition_ids):
-            self._reap_stale(f"supernode-{pid}")
-            port = cfg.node_port(k)
-            if not port_free(port, cfg.node_host):
-                raise RuntimeError(f"port {port} on {cfg.node_host} is in use; choose another --node-port-base")
-            cmd = [
-                _bin("flower-supernode"),
-                "--superlink",
-                cfg.superlink_address,
-                "--host",
-                cfg.node_host,
-                "--port",
-                str(port),
-                "--node-config",
-                f"partition-id={pid} num-partitions={cfg.num_nodes}",
-            ]
-            if cfg.insecure:
-                cmd.append("--insecure")
-            else:
-                if not cfg.ca.exists():
-                    raise FileNotFoundError(f"{cfg.ca} missing (copy the SuperLink's ca.crt here)")
-                cmd += ["--root-certificates", str(cfg.ca)]
-                if cfg.node_auth:
-                    if not cfg.node_key(pid).exists():
-                        raise FileNotFoundError(f"{cfg.node_key(pid)} missing (the node's private key)")
-                    cmd += ["--auth-supernode-private-key", str(cfg.node_key(pid))]
-            env = dict(self.env, FLWR_HOME=str(self.flwr_home / f"supernode-{pid}"))
-            self._popen(f"supernode-{pid}", cmd, env)
-            self.ports.append(port)
+        for pid in cfg.partition_ids:
+            self.start_supernode(pid)
         self._say(
             f"SuperNodes {cfg.partition_ids} of {cfg.num_nodes}: pids "
             f"{[self.procs[f'supernode-{p}'].pid for p in cfg.partition_ids]}"
         )
+
+    def start_supernode(self, pid: int) -> subprocess.Popen:
+        """Start (or, after :meth:`kill_supernode`, restart) the SuperNode of partition ``pid``.
+
+        Its Runtime API port is ``node_port_base + k`` for the ``k``-th of ``partition_ids``;
+        with node authentication it signs with ``node_<pid>`` (so it keeps its node id).
+        """
+        cfg = self.cfg
+        assert cfg.partition_ids is not None
+        name = f"supernode-{pid}"
+        if name in self.procs and self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is running (pid {self.procs[name].pid})")
+        self._reap_stale(name)
+        port = cfg.node_port(cfg.partition_ids.index(pid))
+        if not port_free(port, cfg.node_host):
+            raise RuntimeError(f"port {port} on {cfg.node_host} is in use; choose another --node-port-base")
+        cmd = [
+            _bin("flower-supernode"),
+            "--superlink",
+            cfg.superlink_address,
+            "--host",
+            cfg.node_host,
+            "--port",
+            str(port),
+            "--node-config",
+            f"partition-id={pid} num-partitions={cfg.num_nodes}",
+        ]
+        if cfg.insecure:
+            cmd.append("--insecure")
+        else:
+            if not cfg.ca.exists():
+                raise FileNotFoundError(f"{cfg.ca} missing (copy the SuperLink's ca.crt here)")
+            cmd += ["--root-certificates", str(cfg.ca)]
+            if cfg.node_auth:
+                if not cfg.node_key(pid).exists():
+                    raise FileNotFoundError(f"{cfg.node_key(pid)} missing (the node's private key)")
+                cmd += ["--auth-supernode-private-key", str(cfg.node_key(pid))]
+        env = dict(self.env, FLWR_HOME=str(self.flwr_home / name))
+        proc = self._popen(name, cmd, env)
+        if port not in self.ports:
+            self.ports.append(port)
+        return proc
+
+    def clientapp_pids(self, pid: int) -> list[int]:
+        """PIDs of the ``flwr-clientapp`` processes the SuperNode of partition ``pid`` runs now (a message in work)."""
+        proc = self.procs.get(f"supernode-{pid}")
+        if proc is None or proc.poll() is not None:
+            return []
+        out = []
+        for child in descendants(proc.pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "flwr-clientapp" in cmdline and _alive(child):
+                out.append(child)
+        return out
+
+    def kill_supernode(self, pid: int, sig: int = signal.SIGKILL) -> list[int]:
+        """Kill the SuperNode of partition ``pid`` and everything it started (its ClientApp), as a crash does.
+
+        The process tree is collected first (killed children would be re-parented
+        and lost), then every PID gets ``sig`` (default ``SIGKILL``: no clean
+        deactivation, the SuperLink notices the node only when its heartbeat lapses).
+
+        Returns
+        -------
+        list[int]
+            The PIDs signalled.
+        """
+        name = f"supernode-{pid}"
+        proc = self.procs.pop(name)
+        tree = [proc.pid, *descendants(proc.pid)]
+        self.stopped_pids.update(tree)
+        for p in tree:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
+            time.sleep(0.1)
+        (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        self._say(f"killed {name} ({signal.Signals(sig).name}): pids {tree}")
+        return tree
 
     def online_nodes(self) -> list[dict]:
         """``flwr supernode ls --format json``: the nodes whose status is online."""
