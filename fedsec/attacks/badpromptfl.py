@@ -1,11 +1,21 @@
 """BadPromptFL (arXiv 2508.08040): malicious clients jointly learn a visual trigger and their prompt.
 
-Loss on a batch: ``CE(clean) + lambda * CE(target | trigger(x))``. The clean
-term runs on the cached clean features (the honest path); the backdoor term
-back-propagates through the frozen image encoder into the trigger. The
-trigger is shared by the colluding attackers through the attacker store and
-carried across rounds; every round it is re-optimised against the current
-global prompt.
+Loss on a batch: ``CE(clean) + mu * KL(global || local on clean) + lambda *
+CE(target | trigger(x)) + nu * mean(relu(cos(f(trigger(x)), f(x))))``. The clean terms run on the cached clean features
+(the honest path); the backdoor term back-propagates through the frozen image
+encoder into the trigger. The stealth term ``mu`` keeps the prompt's clean
+predictions where the received global prompt had them (Bagdasaryan et al.'s
+constrain-and-scale), so a boosted update changes the triggered behaviour
+only and the benign majority has no reason to undo it. The separation term
+``nu`` (``trigger-separation``) acts on the trigger only: it pushes triggered
+embeddings away from the image's own clean embedding (BadCLIP's "away from
+clean" idea), so the prompt can map a region that no clean image occupies to
+the target class. That costs the benign clients little clean accuracy, so
+their updates do little to remove it: the backdoor survives averaging. The trigger is shared
+by the colluding attackers through the attacker store and carried across
+rounds; it is re-optimised against the current global prompt in the first
+``trigger-rounds`` attack rounds (0: every round) and then frozen, so the
+prompt's backdoor accumulates for one fixed trigger.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ PARAMS: dict[str, object] = {
     "trigger-steps": 25,
     "attack-local-steps": 50,
     "attack-lr": 0.005,
+    "stealth-weight": 0.0,
+    "trigger-separation": 0.0,
+    "trigger-rounds": 0,
 }
 
 
@@ -72,35 +85,57 @@ class BadPromptFL(Attack):
         gen = torch.Generator().manual_seed(seed)
         feats, labels, images = data.features.to(dev), data.labels.to(dev), data.images
         tgt = torch.full((len(labels),), target, dtype=torch.long, device=dev)
+        mu = float(c.get("stealth-weight"))
+        nu = float(c.get("trigger-separation"))
+        trigger_rounds = int(c.get("trigger-rounds"))
+        train_trigger = trigger_rounds <= 0 or server_round - int(c.get("attack-start-round")) < trigger_rounds
+        with torch.no_grad():
+            global_logp = F.log_softmax(model.logits_from_features(feats), dim=-1) if mu > 0 else None
         mode = str(c.get("attack-mode"))
         if mode not in ("joint", "alternating"):
             raise ValueError(f"run-config attack-mode={mode!r} is not allowed; allowed values: alternating, joint")
 
-        def backdoor_loss(idx: torch.Tensor, train_trigger: bool) -> torch.Tensor:
-            with torch.set_grad_enabled(train_trigger):
-                f_trig = clip.encode_images(trigger(images[idx.cpu()].to(dev)))
-            return F.cross_entropy(model.logits_from_features(f_trig), tgt[idx])
+        scale = clip.logit_scale
+
+        def triggered_features(idx: torch.Tensor, grad: bool) -> torch.Tensor:
+            with torch.set_grad_enabled(grad):
+                return clip.encode_images(trigger(images[idx.cpu()].to(dev)))
 
         losses, bd_losses = [], []
-        if mode == "alternating":
+        if mode == "alternating" and train_trigger:
             # Phase 1: the trigger against the current prompt; phase 2: the prompt with the trigger fixed.
             for idx in batches(len(labels), c.batch_size, int(c.get("trigger-steps")), gen):
-                loss = backdoor_loss(idx.to(dev), True)
+                idx = idx.to(dev)
+                f_trig = triggered_features(idx, True)
+                loss = F.cross_entropy(model.logits_from_features(f_trig), tgt[idx])
+                if nu > 0:
+                    loss = loss + nu * (f_trig * feats[idx]).sum(-1).clamp_min(0).mean()
                 opt_trig.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_trig.step()
                 trigger.project()
             ctx.grad = None
+        joint = mode == "joint" and train_trigger
         for idx in batches(len(labels), c.batch_size, steps, gen):
             idx = idx.to(dev)
-            clean = F.cross_entropy(model.logits_from_features(feats[idx]), labels[idx])
-            bd = backdoor_loss(idx, mode == "joint")
+            text = model.text_features()  # one text-encoder pass serves both terms
+            logits = scale * feats[idx] @ text.T
+            clean = F.cross_entropy(logits, labels[idx])
+            f_trig = triggered_features(idx, joint)
+            bd = F.cross_entropy(scale * f_trig @ text.T, tgt[idx])
             loss = clean + lam * bd
+            if joint and nu > 0:
+                loss = loss + nu * (f_trig * feats[idx]).sum(-1).clamp_min(0).mean()
+            if global_logp is not None:
+                stealth = F.kl_div(
+                    F.log_softmax(logits, dim=-1), global_logp[idx], log_target=True, reduction="batchmean"
+                )
+                loss = loss + mu * stealth
             opt_ctx.zero_grad(set_to_none=True)
             opt_trig.zero_grad(set_to_none=True)
             loss.backward()
             opt_ctx.step()
-            if mode == "joint":
+            if joint:
                 opt_trig.step()
                 trigger.project()
             losses.append(clean.item())
