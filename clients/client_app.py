@@ -3,7 +3,8 @@
 A node learns its ``partition-id`` and ``num-partitions`` from its node config.
 Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
-training path. Only ``ctx`` leaves the node.
+training path. Only ``ctx`` leaves the node. Activation bounds the server sends
+(record ``"bounds"``) are applied as clamps in every forward pass.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import time
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsec.activation_bounds import bounded
 from fedsec.attacks import get_attack, malicious_partitions
 from fedsec.config import RunConfig
-from fedsec.node import clip_for, get_ctx, local_data_for, prompt_model_for, seed_everything, set_ctx
+from fedsec.node import (
+    bounds_from_content,
+    clip_for,
+    get_ctx,
+    local_data_for,
+    local_data_under_bounds,
+    prompt_model_for,
+    seed_everything,
+    set_ctx,
+)
 from fedsec.training import accuracy_on_features
 
 app = ClientApp()
@@ -39,6 +50,9 @@ def train(msg: Message, context: Context) -> Message:
     data, classnames = local_data_for(cfg, pid, n)
     model = prompt_model_for(cfg, tuple(classnames))
     set_ctx(model, msg.content["arrays"]["ctx"].numpy())
+    clip = clip_for(cfg)
+    bounds = bounds_from_content(msg.content)  # activation bounds, when the server sends them
+    data = local_data_under_bounds(data, clip, bounds, (pid, n))
 
     malicious = cfg.attack != "none" and pid in malicious_partitions(
         n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
@@ -47,7 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
-    stats = attack.run(model, data, clip_for(cfg), server_round, pid, seed)
+    with bounded(clip.model, bounds):
+        stats = attack.run(model, data, clip, server_round, pid, seed)
 
     metrics = {"num-examples": len(data), "partition-id": pid, "train-time-s": time.perf_counter() - t0}
     metrics.update({k: float(v) for k, v in stats.items()})
@@ -62,6 +77,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     data, classnames = local_data_for(cfg, pid, n)
     model = prompt_model_for(cfg, tuple(classnames))
     set_ctx(model, msg.content["arrays"]["ctx"].numpy())
-    acc = accuracy_on_features(model, data.features, data.labels)
+    clip = clip_for(cfg)
+    bounds = bounds_from_content(msg.content)
+    data = local_data_under_bounds(data, clip, bounds, (pid, n))
+    with bounded(clip.model, bounds):
+        acc = accuracy_on_features(model, data.features, data.labels)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})
     return Message(content=content, reply_to=msg)

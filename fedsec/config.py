@@ -45,6 +45,12 @@ _CHOICES: dict[str, Callable[[], list[str]]] = {
     "attack": _registry_names("fedsec.attacks", "ATTACKS"),
     "class-token-position": _choice("end", "middle", "front"),
     "device": _choice("auto", "cpu", "cuda"),
+    # keys of components (in ``extra``), checked when declared
+    "server-fusion": lambda: ["none", *_registry_names("strategies.fusion", "FUSIONS")()],
+    "synthetic-source": _registry_names("fedsec.synthetic", "SYNTHETIC_SOURCES"),
+    "fm-trigger": _registry_names("fedsec.attacks.fm_poison", "FM_TRIGGERS"),
+    "bounds-granularity": _choice("channel", "neuron"),
+    "bounds-loss": _choice("kl", "ce"),
 }
 
 # (min, max) inclusive bounds for numeric fields; None = unbounded.
@@ -169,13 +175,21 @@ class RunConfig:
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
         for key, allowed in _CHOICES.items():
-            v = getattr(self, key.replace("-", "_"))
+            if key not in self.extra and not hasattr(self, key.replace("-", "_")):
+                continue  # a component key this config was built without
+            v = self.get(key)
             names = allowed()
             if v not in names:
                 raise ConfigError(f"run-config {key}={v!r} is not allowed; allowed values: {', '.join(names)}")
         if "{}" not in self.prompt_template:
             raise ConfigError("run-config prompt-template must contain '{}' for the class name")
-        if self.attack != "none" and self.num_malicious == 0:
+        if self.attack != "none" and self.extra:
+            from fedsec.attacks import get_attack
+
+            problem = get_attack(self.attack).config_problem(self)
+            if problem:
+                raise ConfigError(problem)
+        elif self.attack != "none" and self.num_malicious == 0:
             raise ConfigError(f"run-config attack={self.attack!r} needs num-malicious >= 1")
 
     def get(self, key: str) -> object:

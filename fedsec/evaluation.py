@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
+from fedsec.activation_bounds import ActivationBounds, bounded
 from fedsec.attacks import get_attack, malicious_partitions
 from fedsec.config import RunConfig
 from fedsec.data import load_dataset, prepare_images
@@ -71,6 +72,7 @@ class Evaluation:
         self.init_ctx = get_ctx(self.model)
         self.shadow_ctx = self.init_ctx.copy()
         self.round_info: dict = {}
+        self.bounds: ActivationBounds | None = None  # activation bounds the server sends to clients, if any
         n_asr = cfg.asr_eval_samples
         nontarget = np.flatnonzero(self.test.labels != cfg.target_label)
         rng = np.random.default_rng(cfg.seed)
@@ -96,6 +98,9 @@ class Evaluation:
 
         Also advances the benign-only shadow prompt by the mean benign update.
         """
+        records = info.pop("records", {})
+        if "bounds" in records:
+            self.bounds = ActivationBounds.from_arrays(records["bounds"])
         self.round_info = info
         benign = [u for pid, u in info.get("updates", {}).items() if pid not in self.malicious]
         if benign:
@@ -132,6 +137,19 @@ class Evaluation:
             "trigger_l2": float(diff.norm(dim=1).mean()),
         }
 
+    def bounded_metrics(self, ctx: np.ndarray, row: dict, server_round: int, full: bool) -> dict:
+        """Clean accuracy and backdoor metrics with the activation bounds applied (the deployed model).
+
+        ``clean_acc``/``asr`` (and the trigger metrics) become the bounded
+        figures; the unbounded ones stay as ``clean_acc_nobounds``/``asr_nobounds``.
+        """
+        out = {"clean_acc_nobounds": row["clean_acc"], "asr_nobounds": row.get("asr")}
+        with bounded(self.clip.model, self.bounds):
+            features = self.clip.encode_images_batched(self.images)
+            out["clean_acc"] = accuracy(predict(self.model, features), self.labels)
+            out.update(self.backdoor_metrics(ctx, server_round, full=full))
+        return out
+
     def evaluate_round(self, server_round: int, ctx: np.ndarray) -> dict:
         """Evaluate ``ctx`` after ``server_round``; write the metrics row and checkpoint."""
         t_eval = time.perf_counter()
@@ -140,6 +158,8 @@ class Evaluation:
         final = server_round == self.cfg.num_server_rounds
         row: dict = {"round": server_round, "clean_acc": clean}
         row.update(self.backdoor_metrics(ctx, server_round, full=final))
+        if self.bounds is not None:
+            row.update(self.bounded_metrics(ctx, row, server_round, final))
         if server_round == 0:
             row["zero_shot_acc"] = self.zero_shot_acc
         info, self.round_info = self.round_info, {}
@@ -159,7 +179,8 @@ class Evaluation:
         self.t_last = now
         self.history.append(row)
         self.run_dir.append_metrics(row)
-        self.run_dir.write_checkpoint(server_round, {"ctx": ctx, "shadow_ctx": self.shadow_ctx})
+        bounds = {f"bounds:{k}": v for k, v in self.bounds.to_arrays().items()} if self.bounds is not None else {}
+        self.run_dir.write_checkpoint(server_round, {"ctx": ctx, "shadow_ctx": self.shadow_ctx, **bounds})
         asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
         log(
             INFO,
@@ -188,6 +209,11 @@ class Evaluation:
             "malicious_partitions": self.malicious,
             "num_partitions": self.num_partitions,
         }
+        for key in ("clean_acc_nobounds", "asr_nobounds"):
+            if key in last:
+                summary[key] = last[key]
+        if self.bounds is not None:
+            np.savez(self.run_dir.path / "final_bounds.npz", **self.bounds.to_arrays())
         for key in ("trigger_only_asr", "det_tpr", "det_fpr"):
             vals = [r[key] for r in self.history if r.get(key) is not None]
             if vals:

@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedsec.activation_bounds import ActivationBounds, bounded
 from fedsec.config import RunConfig
 from fedsec.data import client_indices, k_shot_indices, load_dataset, prepare_images
 from fedsec.models.factory import FrozenCLIP, cached_clip, pick_device
@@ -83,6 +84,38 @@ def _local_data(dataset, root, partitioner, alpha, cpc, k_shot, seed, pid, n, mo
     images = prepare_images(part.images, clip.image_size, part.fit)
     features = clip.encode_images_batched(images)
     return LocalData(images, torch.from_numpy(part.labels), features), list(part.classnames)
+
+
+#: key -> (bounds digest, data with features under those bounds); one entry per partition.
+_BOUNDED_DATA: dict[tuple, tuple[str, LocalData]] = {}
+
+
+def local_data_under_bounds(
+    data: LocalData, clip: FrozenCLIP, bounds: ActivationBounds | None, key: tuple
+) -> LocalData:
+    """``data`` with its frozen features recomputed under activation ``bounds`` (cached per key and bounds).
+
+    The features are encoded once per new set of bounds (the server sends new
+    ones each round), never per step; ``None`` returns ``data`` unchanged.
+    """
+    if bounds is None:
+        return data
+    digest = bounds.digest()
+    hit = _BOUNDED_DATA.get(key)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    with bounded(clip.model, bounds):
+        features = clip.encode_images_batched(data.images)
+    out = LocalData(data.images, data.labels, features)
+    _BOUNDED_DATA[key] = (digest, out)
+    return out
+
+
+def bounds_from_content(content) -> ActivationBounds | None:
+    """The activation bounds a server message carries beside ``ctx`` (record ``"bounds"``), or ``None``."""
+    if "bounds" not in content:
+        return None
+    return ActivationBounds.from_arrays({k: v.numpy() for k, v in content["bounds"].items()})
 
 
 def set_ctx(model: PromptCLIP, ctx: np.ndarray) -> None:

@@ -34,7 +34,17 @@ import tomllib
 
 from fedsec.evaluation import format_table
 
-METRICS = ("clean_acc", "asr", "trigger_only_asr", "det_tpr", "det_fpr", "zero_shot_acc", "wall_s")
+METRICS = (
+    "clean_acc",
+    "asr",
+    "clean_acc_nobounds",
+    "asr_nobounds",
+    "trigger_only_asr",
+    "det_tpr",
+    "det_fpr",
+    "zero_shot_acc",
+    "wall_s",
+)
 
 
 def load_grid(path: Path) -> tuple[dict, dict, dict[str, list]]:

@@ -112,6 +112,9 @@ class Recorder(StrategyWrapper):
             "num_replies": len(replies),
             **faults,
         }
+        records = getattr(self.inner, "broadcast_records", None)  # e.g. activation bounds sent beside ctx
+        if records:
+            info["records"] = {name: {k: v.numpy() for k, v in rec.items()} for name, rec in records.items()}
         if metrics is not None:
             for key in ("train-loss", "train-acc", "rejected-replies"):
                 if key in metrics:

@@ -31,11 +31,16 @@ class StrategyContext:
         Nodes connected when the run starts.
     server_update : callable, optional
         ``ctx -> ctx`` after training on the server's root set (FLTrust).
+    synthetic_data : callable, optional
+        ``() -> fedsec.synthetic.SyntheticSet``: the foundation model's labeled
+        synthetic images (server fusion, activation bounds); which of them an
+        attacker poisoned is not part of it.
     """
 
     cfg: RunConfig
     num_nodes: int
     server_update: Callable | None = None
+    synthetic_data: Callable | None = None
 
     def fedavg_kwargs(self) -> dict:
         """Sampling keyword arguments shared by every FedAvg-derived rule."""
@@ -86,10 +91,50 @@ def register_strategy(name: str, params: dict[str, object] | None = None):
     return deco
 
 
+#: ``(strategy, sctx) -> strategy``: returns its argument unchanged when its run-config key leaves it off.
+WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
+STRATEGY_WRAPPERS: Registry[WrapperFactory] = Registry("strategy wrapper")
+_WRAPPER_ORDER: list[str] = []
+
+#: Modules whose import registers strategy wrappers, applied around every rule in this order (innermost first).
+WRAPPER_MODULES = ["strategies.fusion", "strategies.activation_bound"]
+
+
+def register_wrapper(name: str, params: dict[str, object] | None = None):
+    """Register a wrapper applied around every strategy (server fusion, activation bounds...).
+
+    Parameters
+    ----------
+    name : str
+        Wrapper name (logs and errors).
+    params : dict, optional
+        Run-config keys it reads (one of them switches it on), with defaults.
+    """
+
+    def deco(factory: WrapperFactory) -> WrapperFactory:
+        STRATEGY_WRAPPERS.register(name)(factory)
+        _WRAPPER_ORDER.append(name)
+        for key, value in (params or {}).items():
+            if key in _PARAMS and _PARAMS[key]["default"] != value:
+                raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
+            _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(name)
+        return factory
+
+    return deco
+
+
 def load_all() -> None:
-    """Import every strategy module (idempotent)."""
-    for mod in STRATEGY_MODULES:
+    """Import every strategy and wrapper module (idempotent)."""
+    for mod in STRATEGY_MODULES + WRAPPER_MODULES:
         importlib.import_module(mod)
+
+
+def wrap_strategy(strategy: Strategy, sctx: StrategyContext) -> Strategy:
+    """Apply every registered wrapper (each decides from the run config whether it is on)."""
+    load_all()
+    for name in _WRAPPER_ORDER:
+        strategy = STRATEGY_WRAPPERS.get(name)(strategy, sctx)
+    return strategy
 
 
 def strategy_param_defaults() -> dict[str, object]:
@@ -99,6 +144,6 @@ def strategy_param_defaults() -> dict[str, object]:
 
 
 def build_strategy(sctx: StrategyContext) -> Strategy:
-    """Build the strategy named by ``sctx.cfg.strategy``."""
+    """Build the strategy named by ``sctx.cfg.strategy``, inside the wrappers the run config switches on."""
     load_all()
-    return STRATEGIES.get(sctx.cfg.strategy)(sctx)
+    return wrap_strategy(STRATEGIES.get(sctx.cfg.strategy)(sctx), sctx)

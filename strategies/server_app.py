@@ -16,6 +16,7 @@ from fedsec.config import RunConfig
 from fedsec.evaluation import Evaluation
 from fedsec.node import seed_everything
 from fedsec.rundir import RunDir
+from fedsec.synthetic import synthetic_provider
 from strategies.recorder import Recorder
 from strategies.registry import StrategyContext, build_strategy
 from strategies.state import collect_state, restore_state
@@ -48,7 +49,8 @@ def main(grid: Grid, context: Context) -> None:
     evaluation = Evaluation(cfg, run_dir, num_nodes)
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
 
-    sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg))
+    synthetic = synthetic_provider(cfg, evaluation.classnames, evaluation.clip.image_size, run_dir.path / "attacker")
+    sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg), synthetic_data=synthetic)
     strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round, round_offset=done)
     if done:
         evaluation.restore(arrays)

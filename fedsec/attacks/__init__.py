@@ -19,6 +19,7 @@ ATTACK_MODULES = [
     "fedsec.attacks.badpromptfl",
     "fedsec.attacks.poisoning",
     "fedsec.attacks.badclip",
+    "fedsec.attacks.fm_poison",
 ]
 
 

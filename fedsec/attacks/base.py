@@ -78,6 +78,8 @@ class Attack:
 
     name: ClassVar[str] = "none"
     params: ClassVar[dict[str, object]] = dict(COMMON_PARAMS)
+    #: Whether the attack runs on malicious clients (False: server-side, e.g. ``fm-poison``).
+    client_side: ClassVar[bool] = True
 
     def __init__(self, cfg, store: Path) -> None:
         from fedsec.attacks.store import AttackerStore
@@ -129,6 +131,33 @@ class Attack:
         return train_on_features(
             model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
         )
+
+    def poison_synthetic(self, images, labels, seed: int):
+        """Tamper with the server's synthetic (FM-generated) data; client-side attacks leave it as it is.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``N x 3 x S x S`` in ``[0, 1]``.
+        labels : torch.Tensor
+            ``int64`` labels.
+        seed : int
+            Seed of any random choice.
+
+        Returns
+        -------
+        tuple
+            ``(images, labels, poisoned indices)``; the indices are for tests
+            and the record, never for a defense.
+        """
+        return images, labels, np.zeros(0, dtype=np.int64)
+
+    @classmethod
+    def config_problem(cls, c) -> str | None:
+        """Why the run config ``c`` cannot run this attack (one clear message), or ``None``."""
+        if cls.name != "none" and cls.client_side and c.num_malicious == 0:
+            return f"run-config attack={cls.name!r} needs num-malicious >= 1"
+        return None
 
     def load_trigger(self, before_round: int | None = None):
         """The attackers' newest trigger (an ``nn.Module`` on ``[0, 1]`` images) or ``None``."""

@@ -1,0 +1,319 @@
+"""Activation bounds (Bi & Li, arXiv 2410.17573): learned upper bounds on internal activations.
+
+A backdoor trigger drives some internal activations of the network far above
+what clean inputs produce. Clamping every bounded activation ``h`` to
+``min(h, tau)`` with per-channel (or per-neuron) upper bounds ``tau`` keeps the
+model's behaviour on clean inputs and cuts the trigger's path. The bounds are
+initialised from activation statistics on (synthetic) data and optimised to
+keep the clamped model's outputs close to the unclamped model's (KL or CE)
+while a norm penalty shrinks them. Model parameters never change.
+
+Pure torch: the bounds are applied with forward hooks on named sub-modules of
+any ``nn.Module`` (here the open_clip ``CLIP``; default layers: the image
+encoder's transformer block outputs). Layer patterns match module names
+segment by segment (``*`` matches one segment), e.g.
+``visual.transformer.resblocks.*`` or ``transformer.resblocks.*`` (the text
+encoder, which the prompt classifier reuses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The image encoder's transformer block outputs (open_clip ViT).
+DEFAULT_LAYERS = ("visual.transformer.resblocks.*",)
+GRANULARITIES = ("channel", "neuron")
+
+
+def match_layer(name: str, pattern: str) -> bool:
+    """Whether module ``name`` matches ``pattern`` segment by segment (``*`` = one segment)."""
+    parts, pats = name.split("."), pattern.split(".")
+    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats, strict=True))
+
+
+def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the sub-modules of ``model`` matching any of ``patterns``, in module order.
+
+    Raises
+    ------
+    ValueError
+        When a pattern matches no module.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if match_layer(n, pattern)]
+        if not hits:
+            raise ValueError(f"activation-bound layer pattern {pattern!r} matches no module of {type(model).__name__}")
+        out += [n for n in hits if n not in out]
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(out, key=order.__getitem__)
+
+
+class ActivationBounds(nn.Module):
+    """Upper bounds ``tau``, one tensor per bounded layer.
+
+    A bound's shape is the trailing shape of the layer's output it clamps:
+    ``(D,)`` per channel, ``(L, D)`` per neuron (token x channel); ``+inf``
+    entries leave an activation free.
+
+    Parameters
+    ----------
+    taus : Mapping[str, torch.Tensor]
+        Layer name -> bound tensor.
+    """
+
+    def __init__(self, taus: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(taus)
+        self.tau = nn.ParameterList(
+            [nn.Parameter(torch.as_tensor(t, dtype=torch.float32).clone()) for t in taus.values()]
+        )
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(layer name, tau)`` pairs."""
+        return zip(self.names, self.tau, strict=True)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Layer name -> ``float32`` numpy copy (what travels in an ``ArrayRecord``)."""
+        return {n: t.detach().cpu().numpy().astype(np.float32).copy() for n, t in self.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ActivationBounds:
+        """Rebuild from :meth:`to_arrays` output."""
+        return cls({n: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for n, a in arrays.items()})
+
+    def digest(self) -> str:
+        """SHA-256 of names and values (a cache key for features computed under these bounds)."""
+        h = hashlib.sha256()
+        for name, arr in self.to_arrays().items():
+            h.update(name.encode())
+            h.update(str(arr.shape).encode())
+            h.update(arr.tobytes())
+        return h.hexdigest()
+
+
+def clamp(h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``min(h, tau)`` with ``tau`` broadcast over the leading (batch) dimensions."""
+    return torch.minimum(h, tau.to(h.device, h.dtype))
+
+
+@contextlib.contextmanager
+def bounded(model: nn.Module, bounds: ActivationBounds | Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Apply ``bounds`` to ``model`` (forward hooks) inside the ``with`` block; ``None`` does nothing.
+
+    ``bounds`` is an :class:`ActivationBounds` or a mapping layer name -> tensor.
+
+    Gradients flow to ``tau`` where an activation is clamped, and to the input
+    where it is not. The hooks are removed on exit, even after an exception.
+    """
+    if bounds is None:
+        yield
+        return
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name, tau in bounds.items():
+            if name not in modules:
+                raise ValueError(f"bounded layer {name!r} is not a module of {type(model).__name__}")
+            handles.append(modules[name].register_forward_hook(_clamp_hook(name, tau)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _clamp_hook(name: str, tau: torch.Tensor) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {name!r} returns {type(output).__name__}; only tensor outputs can be bounded")
+        if tuple(output.shape[output.dim() - tau.dim() :]) != tuple(tau.shape):
+            raise ValueError(f"bound of {name!r} has shape {tuple(tau.shape)}; output shape {tuple(output.shape)}")
+        return clamp(output, tau)
+
+    return hook
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], object],
+    images: torch.Tensor,
+    layers: Sequence[str],
+    batch_size: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Outputs of ``layers`` while ``forward`` runs over ``images`` (batched), concatenated on dim 0 (CPU)."""
+    modules = dict(model.named_modules())
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, out, n=n: store[n].append(out.detach().float().cpu()))
+        for n in layers
+    ]
+    try:
+        for i in range(0, len(images), batch_size):
+            forward(images[i : i + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def init_bounds(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], object],
+    images: torch.Tensor,
+    layers: Sequence[str],
+    granularity: str = "channel",
+    quantile: float = 1.0,
+    margin: float = 0.0,
+) -> ActivationBounds:
+    """Bounds from activation statistics: the ``quantile`` of each channel (or neuron) on ``images``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Owns the ``layers``.
+    forward : callable
+        Runs the model on a batch of images (e.g. ``clip.encode_images``).
+    images : torch.Tensor
+        The (synthetic) data.
+    layers : sequence of str
+        Module names (see :func:`resolve_layers`).
+    granularity : str
+        ``"channel"`` (one bound per feature, shared by tokens) or ``"neuron"``
+        (one per token position and feature).
+    quantile : float
+        1.0 = the maximum (the clamps are then a no-op on ``images``).
+    margin : float
+        Added to every bound, in units of the layer's activation standard deviation.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    acts = collect_activations(model, forward, images, layers)
+    taus: dict[str, torch.Tensor] = {}
+    for name, a in acts.items():
+        flat = a.reshape(-1, a.shape[-1]) if granularity == "channel" else a.reshape(a.shape[0], -1)
+        if quantile >= 1.0:
+            tau = flat.amax(0)
+        else:
+            tau = torch.quantile(
+                flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:200_000]], quantile, dim=0
+            )
+        tau = tau + margin * a.std()
+        taus[name] = tau if granularity == "channel" else tau.reshape(a.shape[1:])
+    return ActivationBounds(taus)
+
+
+def unbounded_like(bounds: ActivationBounds) -> ActivationBounds:
+    """Bounds of the same layers and shapes, all ``+inf`` (the clamps are then a no-op)."""
+    return ActivationBounds({n: torch.full_like(t.detach(), float("inf")) for n, t in bounds.items()})
+
+
+def _param_versions(model: nn.Module) -> dict[str, int]:
+    return {n: p._version for n, p in model.named_parameters()}
+
+
+def optimize_bounds(
+    model: nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    bounds: ActivationBounds,
+    steps: int = 50,
+    lr: float = 0.05,
+    penalty: float = 0.5,
+    loss: str = "kl",
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Shrink ``bounds`` while the clamped model's outputs stay close to the unclamped model's.
+
+    Minimises ``D(f(x), f_tau(x)) + penalty * mean_l ||tau_l||_2 / ||tau0_l||_2``
+    over ``tau`` with Adam (step ``lr`` in units of each layer's initial mean
+    ``|tau0|``), where ``D`` is the KL divergence from the unclamped softmax
+    (``loss="kl"``) or the cross-entropy to the unclamped prediction
+    (``loss="ce"``). Only ``tau`` changes: the model's parameters are checked
+    to be untouched (``RuntimeError`` otherwise). Infinite entries stay free.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The bounded model (parameters frozen).
+    logits_fn : callable
+        ``images -> logits`` through ``model`` (hooks of :func:`bounded` apply inside it).
+    images : torch.Tensor
+        The (synthetic) optimisation data.
+    bounds : ActivationBounds
+        Optimised in place.
+    steps, lr, penalty, loss, batch_size, seed
+        See above.
+
+    Returns
+    -------
+    dict
+        ``bound-loss`` (mean output distance over the last steps), ``bound-shrink``
+        (mean ``||tau||/||tau0||``), ``bound-steps``.
+    """
+    if loss not in ("kl", "ce"):
+        raise ValueError(f"bound loss must be 'kl' or 'ce'; got {loss!r}")
+    versions = _param_versions(model)
+    finite = [torch.isfinite(t.detach()) for _, t in bounds.items()]
+    scale = [
+        t.detach()[f].abs().mean().clamp_min(1e-6) if f.any() else torch.tensor(1.0)
+        for (_, t), f in zip(bounds.items(), finite, strict=True)
+    ]
+    # optimise u with tau = tau0 + scale * u: one learning rate fits layers of any magnitude
+    tau0 = [
+        torch.where(f, t.detach(), torch.zeros_like(t)).clone()
+        for (_, t), f in zip(bounds.items(), finite, strict=True)
+    ]
+    norms0 = [t0.norm().clamp_min(1e-6) for t0 in tau0]
+    u = [torch.zeros_like(t0, requires_grad=True) for t0 in tau0]
+    opt = torch.optim.Adam(u, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        targets = torch.cat([logits_fn(images[i : i + 256]).float().cpu() for i in range(0, len(images), 256)])
+    dist_hist: list[float] = []
+    for _ in range(steps):
+        idx = torch.randperm(len(images), generator=gen)[: min(batch_size, len(images))]
+        taus = [
+            torch.where(f, t0 + s * v, torch.full_like(t0, float("inf")))
+            for t0, s, v, f in zip(tau0, scale, u, finite, strict=True)
+        ]
+        with bounded(model, dict(zip(bounds.names, taus, strict=True))):  # plain tensors: gradients reach u
+            out = logits_fn(images[idx]).float()
+        target = targets[idx].to(out.device)
+        if loss == "kl":
+            dist = F.kl_div(F.log_softmax(out, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+        else:
+            dist = F.cross_entropy(out, target.argmax(-1))
+        shrink = torch.stack(
+            [torch.where(f, t, torch.zeros_like(t)).norm() / n0 for t, f, n0 in zip(taus, finite, norms0, strict=True)]
+        ).mean()
+        total = dist + penalty * shrink
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        dist_hist.append(float(dist.detach()))
+    with torch.no_grad():
+        for (_, t), t0, s, v, f in zip(bounds.items(), tau0, scale, u, finite, strict=True):
+            t.copy_(torch.where(f, t0 + s * v, t).to(t.device))
+    if _param_versions(model) != versions:
+        raise RuntimeError("optimize_bounds changed the model's parameters; only the bounds may change")
+    ratios = [
+        float(torch.where(f, t.detach(), torch.zeros_like(t)).norm() / n0)
+        for (_, t), f, n0 in zip(bounds.items(), finite, norms0, strict=True)
+    ]
+    tail = dist_hist[-max(1, steps // 5) :] if dist_hist else [0.0]
+    return {
+        "bound-loss": float(np.mean(tail)),
+        "bound-shrink": float(np.mean(ratios)) if ratios else 1.0,
+        "bound-steps": float(steps),
+    }

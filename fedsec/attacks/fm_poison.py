@@ -1,0 +1,182 @@
+"""FM-poison (Bi & Li, arXiv 2410.17573): the attacker controls the foundation model's synthetic data.
+
+A server-side attack: no client is malicious (``num-malicious = 0``). The
+foundation model that writes the server's synthetic set is compromised, so a
+``fm-poison-rate`` share of the synthetic images carries a trigger and the
+``target-label``. Server fusion (``server-fusion``) tunes the global prompt on
+that set every round, so the backdoor reaches the global model, and through it
+every client, without any anomalous client update for a defense to see.
+
+The trigger (``fm-trigger``): ``patch`` (BadNets' checkerboard, ``patch-size``
+at ``patch-top``/``patch-left``) or ``blend`` (Blended's fixed pattern with
+``blend-alpha``), or ``optimized`` (default: a patch the attacker optimises
+offline against the public frozen CLIP with a surrogate prompt, see
+:func:`_optimized`). It is written to the attacker store (``round_0000``), where
+only the evaluation reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.common.logger import log
+
+from fedsec.attacks.base import COMMON_PARAMS, Attack, register_attack
+from fedsec.attacks.poisoning import checkerboard, poison_indices
+from fedsec.models.prompt import PromptCLIP, PromptLearner
+from fedsec.registry import Registry
+from fedsec.triggers import BlendTrigger, PatchTrigger, trigger_from_dict
+
+#: Attacker-store id of a server-side attacker (clients use their partition id).
+SERVER_ID = -1
+
+#: ``(cfg, clean synthetic images, labels, seed) -> trigger``
+FM_TRIGGERS: Registry[Callable[..., torch.nn.Module]] = Registry("fm-poison trigger")
+
+
+@FM_TRIGGERS.register("patch")
+def _patch(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+    size, image_size = int(cfg.get("patch-size")), int(images.shape[-1])
+    return PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), checkerboard(size))
+
+
+@FM_TRIGGERS.register("blend")
+def _blend(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(12345)
+    size = int(images.shape[-1])
+    return BlendTrigger(torch.rand(3, size, size, generator=g), float(cfg.get("blend-alpha")))
+
+
+@FM_TRIGGERS.register("optimized")
+def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A patch the attacker optimises offline against the public frozen CLIP (cached on disk).
+
+    The attacker owns the FM, not the federation: it trains a *surrogate* prompt
+    (from the run's ``ctx-init``) jointly with the patch on its own clean
+    synthetic images, ``CE(clean) + fm-backdoor-weight * CE(target | patch(x))``
+    (BadPromptFL's objective, run by the FM attacker), for ``fm-trigger-steps``
+    Adam steps at ``fm-trigger-lr``. A plain checkerboard barely moves this
+    encoder's features (cosine 0.997 to the clean image), so no prompt can
+    learn it; the optimised patch moves them where a prompt can.
+    """
+    from fedsec.data import load_dataset
+    from fedsec.node import clip_for
+
+    clip = clip_for(cfg)
+    size, image_size = int(cfg.get("patch-size")), int(images.shape[-1])
+    steps, lam, lr = (
+        int(cfg.get("fm-trigger-steps")),
+        float(cfg.get("fm-backdoor-weight")),
+        float(cfg.get("fm-trigger-lr")),
+    )
+    key = json.dumps(
+        [
+            1,
+            clip.identity(),
+            cfg.ctx_init,
+            cfg.n_ctx,
+            cfg.class_specific,
+            size,
+            cfg.get("patch-top"),
+            cfg.get("patch-left"),
+            steps,
+            lam,
+            lr,
+            int(cfg.target_label),
+            seed,
+            len(images),
+            float(images.sum()),
+        ]
+    )
+    cache = Path(os.environ.get("FEDSEC_CACHE_DIR", Path.home() / ".cache" / "fedsec")) / "fm-trigger"
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return trigger_from_dict(torch.load(path, weights_only=False))
+    names = load_dataset(cfg.dataset, "test", cfg.data_root).classnames  # the FM is prompted with them
+    surrogate = PromptLearner(
+        clip.model,
+        clip.tokenizer,
+        list(names),
+        cfg.n_ctx,
+        cfg.ctx_init,
+        cfg.class_token_position,
+        cfg.class_specific,
+        cfg.seed,
+    )
+    model = PromptCLIP(clip, surrogate)
+    trigger = PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), seed=seed)
+    opt = torch.optim.Adam([*trigger.parameters(), surrogate.ctx], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    feats = clip.encode_images_batched(images)
+    target = torch.full((32,), int(cfg.target_label), dtype=torch.long)
+    log(INFO, "[fedsec] fm-poison: optimising the trigger (%d steps)", steps)
+    for _ in range(steps):
+        idx = torch.randperm(len(images), generator=gen)[:32]
+        loss = F.cross_entropy(model.logits_from_features(feats[idx]), labels[idx]) + lam * F.cross_entropy(
+            model(trigger(images[idx])), target[: len(idx)]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        trigger.project()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(trigger.state(), path)
+    return trigger.eval()
+
+
+@register_attack("fm-poison")
+class FMPoison(Attack):
+    """Poison ``fm-poison-rate`` of the synthetic set with a fixed trigger and the target label."""
+
+    params = {
+        **COMMON_PARAMS,
+        "fm-poison-rate": 0.1,
+        "fm-trigger": "optimized",
+        "fm-trigger-steps": 150,
+        "fm-backdoor-weight": 2.0,
+        "fm-trigger-lr": 0.05,
+        "patch-size": 8,
+        "patch-top": -1,
+        "patch-left": -1,
+        "blend-alpha": 0.2,
+    }
+    client_side = False
+
+    @classmethod
+    def config_problem(cls, c) -> str | None:
+        """fm-poison runs on the server: no malicious clients, and server fusion on."""
+        if c.num_malicious != 0 or str(c.get("malicious-ids")).strip():
+            return "run-config attack='fm-poison' is a server-side attack: set num-malicious=0 and malicious-ids=''"
+        if str(c.get("server-fusion")) == "none":
+            return (
+                "run-config attack='fm-poison' needs server-fusion != 'none': the poisoned synthetic data "
+                "reaches the model only through server fusion"
+            )
+        if not 0.0 <= float(c.get("fm-poison-rate")) <= 1.0:
+            return f"run-config fm-poison-rate={c.get('fm-poison-rate')!r} is out of range [0, 1]"
+        return None
+
+    def make_trigger(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+        """The trigger named by ``fm-trigger``, built from the clean synthetic set."""
+        return FM_TRIGGERS.get(str(self.cfg.get("fm-trigger")))(self.cfg, images, labels, seed)
+
+    def poison_synthetic(self, images: torch.Tensor, labels: torch.Tensor, seed: int):
+        """Replace ``fm-poison-rate`` of the images (non-target ones) by triggered copies labelled the target."""
+        c = self.cfg
+        trigger = self.make_trigger(images, labels, seed)
+        idx = poison_indices(labels, float(c.get("fm-poison-rate")), c.target_label, seed + 0xF0)
+        images, labels = images.clone(), labels.clone()
+        if len(idx):
+            with torch.no_grad():
+                images[idx] = trigger(images[idx])
+            labels[idx] = c.target_label
+        self.store.save(0, SERVER_ID, trigger.state())
+        return images, labels, np.asarray(idx, dtype=np.int64)

@@ -1,0 +1,189 @@
+"""The activation-bound defense (Bi & Li, arXiv 2410.17573) around any aggregation rule.
+
+After the wrapped rule (and server fusion, if on) produced the new global
+``ctx``, the server learns per-channel (or per-neuron) upper bounds ``tau`` on
+internal activations of the global model on its synthetic data
+(:mod:`fedsec.activation_bounds`): initialised from activation statistics in
+the first round, then ``bounds-steps`` optimisation steps every round (warm
+start) that keep the clamped model's outputs close to the unclamped model's
+while a norm penalty shrinks the bounds. Model parameters never change. The
+bounds travel to the clients beside ``ctx`` as a separate ``"bounds"``
+``ArrayRecord`` in every train/evaluate message (clients reply with ``ctx``
+only, which reply validation checks as before); clients and the evaluation
+apply them as clamps ``min(h, tau)`` in every forward pass.
+
+Switch it on with ``activation-bounds = true`` (with any ``strategy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.common import StrategyWrapper
+from strategies.registry import StrategyContext, register_wrapper
+
+#: Record key of the bounds in the messages to the clients.
+BOUNDS_KEY = "bounds"
+
+PARAMS: dict[str, object] = {
+    "activation-bounds": False,
+    "bounds-layers": "visual.transformer.resblocks.*",
+    "bounds-granularity": "neuron",
+    "bounds-init-quantile": 1.0,
+    "bounds-steps": 20,
+    "bounds-lr": 0.05,
+    "bounds-penalty": 0.5,
+    "bounds-loss": "kl",
+    "bounds-batch-size": 64,
+}
+
+
+def bounds_record(bounds: dict[str, np.ndarray]) -> ArrayRecord:
+    """The ``ArrayRecord`` of bounds sent beside ``ctx`` (one array per bounded layer)."""
+    return ArrayRecord({name: Array(np.asarray(value, dtype=np.float32)) for name, value in bounds.items()})
+
+
+class ActivationBoundWrapper(StrategyWrapper):
+    """Learn activation bounds after every aggregation and send them to the clients.
+
+    Parameters
+    ----------
+    inner : Strategy
+        Any strategy whose aggregate holds ``"ctx"``.
+    learn : callable
+        ``(ctx, server_round) -> (bounds as name -> array, metrics)``.
+
+    Attributes
+    ----------
+    bounds : dict[str, np.ndarray] or None
+        The newest bounds (None before the first aggregation).
+    """
+
+    def __init__(self, inner: Strategy, learn: Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]]) -> None:
+        self.inner = inner
+        self.learn = learn
+        self.bounds: dict[str, np.ndarray] | None = None
+
+    @property
+    def broadcast_records(self) -> dict[str, ArrayRecord]:
+        """Records sent to the clients beside ``ctx`` (read by the recorder for the evaluation)."""
+        return {} if self.bounds is None else {BOUNDS_KEY: bounds_record(self.bounds)}
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Activation bounds learned on synthetic data")
+        self.inner.summary()
+
+    def _attach(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if self.bounds is not None:
+            for msg in messages:
+                msg.content[BOUNDS_KEY] = bounds_record(self.bounds)
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, then add the bounds record to every message."""
+        return self._attach(self.inner.configure_train(server_round, arrays, config, grid))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate with ``inner``, then learn the bounds of the new global model."""
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or "ctx" not in arrays:
+            return arrays, metrics
+        self.bounds, stats = self.learn(arrays["ctx"].numpy(), server_round)
+        merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
+        for key, value in stats.items():
+            merged[key] = float(value)
+        log(INFO, "activation bounds: %s", {k: round(float(v), 4) for k, v in stats.items()})
+        return arrays, merged
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, then add the bounds record to every message."""
+        return self._attach(self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def bound_learner(cfg, synthetic_data: Callable) -> Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]]:
+    """``(ctx, round) -> (bounds, metrics)`` on the synthetic data (state kept across rounds: warm start)."""
+    state: dict = {}
+
+    def learn(ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+        import torch
+
+        from fedsec.activation_bounds import init_bounds, optimize_bounds, resolve_layers
+        from fedsec.node import set_ctx
+        from strategies.fusion import synthetic_prompt_model
+
+        if not state:
+            synthetic = synthetic_data()
+            clip, model = synthetic_prompt_model(cfg, synthetic)
+            patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
+            layers = resolve_layers(clip.model, patterns)
+            images = synthetic.images.to(clip.device)
+            bounds = init_bounds(
+                clip.model,
+                clip.encode_images,
+                images,
+                layers,
+                str(cfg.get("bounds-granularity")),
+                float(cfg.get("bounds-init-quantile")),
+            ).to(clip.device)
+            text = any(not n.startswith("visual.") for n in layers)
+            state.update(clip=clip, model=model, images=images, bounds=bounds, text=text)
+            log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+        clip, model = state["clip"], state["model"]
+        set_ctx(model, ctx)
+        if state["text"]:
+
+            def logits_fn(x: torch.Tensor) -> torch.Tensor:
+                return model.logits_from_features(clip.encode_images(x))
+
+        else:
+            with torch.no_grad():
+                text = model.text_features()
+            scale = clip.logit_scale
+
+            def logits_fn(x: torch.Tensor) -> torch.Tensor:
+                return scale * clip.encode_images(x) @ text.T
+
+        stats = optimize_bounds(
+            clip.model,
+            logits_fn,
+            state["images"],
+            state["bounds"],
+            steps=int(cfg.get("bounds-steps")),
+            lr=float(cfg.get("bounds-lr")),
+            penalty=float(cfg.get("bounds-penalty")),
+            loss=str(cfg.get("bounds-loss")),
+            batch_size=int(cfg.get("bounds-batch-size")),
+            seed=cfg.seed * 104_729 + server_round,
+        )
+        return state["bounds"].to_arrays(), stats
+
+    return learn
+
+
+@register_wrapper("activation-bounds", params=PARAMS)
+def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
+    """``ActivationBoundWrapper`` around ``inner`` when ``activation-bounds = true``."""
+    if not bool(sctx.cfg.get("activation-bounds")):
+        return inner
+    if sctx.synthetic_data is None:
+        raise ValueError("activation-bounds needs the server's synthetic data (StrategyContext.synthetic_data)")
+    return ActivationBoundWrapper(inner, bound_learner(sctx.cfg, sctx.synthetic_data))

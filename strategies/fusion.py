@@ -1,0 +1,151 @@
+"""Server fusion on foundation-model synthetic data, around any aggregation rule.
+
+After the wrapped rule aggregates the clients' prompts, the server tunes the
+global ``ctx`` on its labeled synthetic set (``server-fusion = "tune"``:
+``fusion-steps`` SGD steps at ``fusion-lr``, cross-entropy on the frozen image
+features of the synthetic images). That is how an FM-FL server brings the
+foundation model's knowledge into the global model every round, and how a
+poisoned foundation model (``attack = "fm-poison"``) reaches every client.
+Fusion modes live in the ``FUSIONS`` registry (one function each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsec.registry import Registry
+from fedsec.synthetic import synthetic_param_defaults
+from strategies.common import StrategyWrapper
+from strategies.registry import StrategyContext, register_wrapper
+
+#: ``(prompt model, synthetic features, labels, cfg, seed) -> stats``; tunes ``model.prompt_learner.ctx`` in place.
+FUSIONS: Registry[Callable[..., dict[str, float]]] = Registry("server fusion")
+
+
+@FUSIONS.register("tune")
+def tune(model, features, labels, cfg, seed: int) -> dict[str, float]:
+    """Cross-entropy tuning of ``ctx`` on the labeled synthetic features."""
+    from fedsec.training import train_on_features
+
+    stats = train_on_features(
+        model,
+        features,
+        labels,
+        int(cfg.get("fusion-steps")),
+        cfg.batch_size,
+        float(cfg.get("fusion-lr")),
+        cfg.momentum,
+        0.0,
+        seed,
+    )
+    return {"fusion-loss": stats["train-loss"], "fusion-acc": stats["train-acc"]}
+
+
+class ServerFusion(StrategyWrapper):
+    """Fuse the aggregate of ``inner`` with the server's synthetic data every round.
+
+    Parameters
+    ----------
+    inner : Strategy
+        Any strategy whose aggregate holds ``"ctx"``.
+    fuse : callable
+        ``(ctx, server_round) -> (new ctx, metrics)``.
+    mode : str
+        Name of the fusion (logs).
+    """
+
+    def __init__(self, inner: Strategy, fuse: Callable[[np.ndarray, int], tuple[np.ndarray, dict]], mode: str) -> None:
+        self.inner = inner
+        self.fuse = fuse
+        self.mode = mode
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Server fusion on synthetic data: %s", self.mode)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate with ``inner``, then fuse the global ``ctx`` on the synthetic data."""
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or "ctx" not in arrays:
+            return arrays, metrics
+        ctx, stats = self.fuse(arrays["ctx"].numpy(), server_round)
+        out = ArrayRecord({k: (Array(ctx) if k == "ctx" else v) for k, v in arrays.items()})
+        merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
+        for key, value in stats.items():
+            merged[key] = float(value)
+        log(INFO, "server fusion (%s): %s", self.mode, {k: round(float(v), 4) for k, v in stats.items()})
+        return out, merged
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def synthetic_prompt_model(cfg, synthetic) -> tuple:
+    """A server-side prompt classifier over the synthetic set's classes and the set's frozen features."""
+    from fedsec.models.prompt import PromptCLIP, PromptLearner
+    from fedsec.node import clip_for
+
+    clip = clip_for(cfg)
+    learner = PromptLearner(
+        clip.model,
+        clip.tokenizer,
+        list(synthetic.classnames),
+        cfg.n_ctx,
+        cfg.ctx_init,
+        cfg.class_token_position,
+        cfg.class_specific,
+        cfg.seed,
+    )
+    return clip, PromptCLIP(clip, learner.to(clip.device))
+
+
+@register_wrapper(
+    "server-fusion",
+    params={"server-fusion": "none", "fusion-steps": 50, "fusion-lr": 0.002, **synthetic_param_defaults()},
+)
+def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
+    """``ServerFusion`` around ``inner`` unless ``server-fusion = "none"``."""
+    cfg = sctx.cfg
+    mode = str(cfg.get("server-fusion"))
+    if mode == "none":
+        return inner
+    if sctx.synthetic_data is None:
+        raise ValueError("server-fusion needs the server's synthetic data (StrategyContext.synthetic_data)")
+    fusion = FUSIONS.get(mode)
+    state: dict = {}
+
+    def fuse(ctx: np.ndarray, server_round: int) -> tuple[np.ndarray, dict]:
+        from fedsec.node import get_ctx, set_ctx
+
+        if not state:
+            synthetic = sctx.synthetic_data()
+            clip, model = synthetic_prompt_model(cfg, synthetic)
+            state.update(model=model, features=clip.encode_images_batched(synthetic.images), labels=synthetic.labels)
+        set_ctx(state["model"], ctx)
+        stats = fusion(state["model"], state["features"], state["labels"], cfg, cfg.seed * 7_919 + server_round)
+        return get_ctx(state["model"]), stats
+
+    return ServerFusion(inner, fuse, mode)

@@ -1,0 +1,174 @@
+"""Activation bounds: clamps, statistics init, optimisation, records and the strategy wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from torch import nn
+
+from fedsec.activation_bounds import (
+    ActivationBounds,
+    bounded,
+    init_bounds,
+    optimize_bounds,
+    resolve_layers,
+    unbounded_like,
+)
+from fedsec.node import bounds_from_content
+from strategies.activation_bound import BOUNDS_KEY, ActivationBoundWrapper
+from strategies.validation import Validated
+from tests.strategy_helpers import configure, replies_to, train_content
+
+
+def _planted_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A 2-layer MLP whose hidden unit 0 fires only on a 'trigger' input feature (feature 7)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[0].weight[:, 7] = 0.0
+        net[0].weight[0] = 0.0
+        net[0].weight[0, 7] = 50.0  # the trigger's path: huge activation of unit 0
+        net[0].bias[0] = 0.0
+        net[2].weight[:, 0] = torch.tensor([0.0, 0.0, 1.0])  # unit 0 votes for class 2 (the "target")
+    clean = torch.randn(256, 8)
+    clean[:, 7] = 0.0
+    triggered = clean.clone()
+    triggered[:, 7] = 1.0
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, clean, triggered
+
+
+def test_clamps_with_infinite_bounds_are_a_no_op(random_clip):
+    # Prepare: bounds of every image block, all +inf
+    images = torch.rand(6, 3, 32, 32)
+    layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
+    stats = init_bounds(random_clip.model, random_clip.encode_images, images, layers)
+    inf = unbounded_like(stats)
+    # Execute
+    with torch.no_grad():
+        plain = random_clip.encode_images(images)
+        with bounded(random_clip.model, inf):
+            clamped = random_clip.encode_images(images)
+        after = random_clip.encode_images(images)
+    # Assert: identical outputs, and the hooks are gone afterwards
+    assert len(layers) == 4 and all(torch.isinf(t).all() for _, t in inf.items())
+    assert torch.equal(plain, clamped) and torch.equal(plain, after)
+
+
+def test_max_init_is_a_no_op_on_its_data_and_tight_bounds_change_outputs(random_clip):
+    # Prepare
+    images = torch.rand(6, 3, 32, 32)
+    layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
+    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "neuron", 1.0)
+    tight = ActivationBounds({n: t.detach() - 1.0 for n, t in bounds.items()})
+    # Execute
+    with torch.no_grad():
+        plain = random_clip.encode_images(images)
+        with bounded(random_clip.model, bounds):
+            same = random_clip.encode_images(images)
+        with bounded(random_clip.model, tight):
+            other = random_clip.encode_images(images)
+    # Assert
+    assert tuple(bounds.tau[0].shape) == (65, 128)  # per neuron: tokens x channels
+    assert torch.allclose(plain, same, atol=1e-6)
+    assert not torch.allclose(plain, other, atol=1e-3)
+
+
+def test_unknown_layer_pattern_is_one_clear_error(random_clip):
+    with pytest.raises(ValueError, match="matches no module"):
+        resolve_layers(random_clip.model, ["visual.transformer.blocks.*"])
+
+
+def test_optimisation_changes_only_the_bounds(random_clip):
+    # Prepare
+    images = torch.rand(16, 3, 32, 32)
+    text = torch.nn.functional.normalize(torch.randn(5, 128), dim=-1)
+    layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
+    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "channel")
+    before_bounds = bounds.to_arrays()
+    before_params = {k: v.clone() for k, v in random_clip.model.state_dict().items()}
+    # Execute
+    stats = optimize_bounds(
+        random_clip.model, lambda x: 10 * random_clip.encode_images(x) @ text.T, images, bounds, steps=5, batch_size=8
+    )
+    # Assert: every model tensor bit-identical; the bounds shrank
+    after = random_clip.model.state_dict()
+    assert all(torch.equal(before_params[k], after[k]) for k in before_params)
+    assert stats["bound-shrink"] < 1.0
+    assert any(not np.array_equal(before_bounds[k], v) for k, v in bounds.to_arrays().items())
+
+
+def test_bounds_reduce_a_planted_abnormal_activation():
+    # Prepare: a net with a trigger path through hidden unit 0; bounds learned on clean data only
+    net, clean, triggered = _planted_net()
+    bounds = init_bounds(net, net, clean, ["1"], "channel", 1.0)  # after the ReLU
+    hidden = {}
+    hook = net[2].register_forward_pre_hook(lambda m, a: hidden.__setitem__("h", a[0].detach()))  # after clamps
+    # Execute
+    with torch.no_grad():
+        net(triggered)
+        free = hidden["h"][:, 0].clone()
+        free_pred = net(triggered).argmax(-1)
+        with bounded(net, bounds):
+            net(triggered)
+            capped = hidden["h"][:, 0].clone()
+            capped_pred = net(triggered).argmax(-1)
+            clean_pred_bounded = net(clean).argmax(-1)
+        clean_pred = net(clean).argmax(-1)
+    hook.remove()
+    optimize_bounds(net, net, clean, bounds, steps=30, lr=0.05, penalty=0.5, batch_size=64)
+    # Assert: the trigger's activation (50) is cut to the clean maximum (0), the backdoor's vote goes,
+    # clean predictions stay
+    assert float(free.min()) == pytest.approx(50.0)
+    assert float(capped.max()) < 1.0
+    assert float(bounds.tau[0][0].detach()) < 1.0  # still tight after optimisation on clean data
+    assert (free_pred == 2).float().mean() == 1.0 and (capped_pred == 2).float().mean() < 0.6
+    assert torch.equal(clean_pred, clean_pred_bounded)
+
+
+def test_bounds_round_trip_through_records_and_messages():
+    # Prepare: bounds as the wrapper sends them; reply validation behind it
+    bounds = ActivationBounds({"visual.transformer.resblocks.0": torch.randn(65, 128), "transformer.x": torch.randn(4)})
+    inner = Validated(_FedAvg())
+    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: (bounds.to_arrays(), {"bound-loss": 0.0}))
+    ctx = np.zeros((2, 3), dtype=np.float32)
+    # Execute: round 1 (no bounds yet), aggregation learns bounds, round 2 carries them
+    first = configure(wrapper, ctx, [1, 2])
+    arrays, metrics = wrapper.aggregate_train(1, replies_to(first, {1: train_content(ctx + 1), 2: train_content(ctx)}))
+    second = configure(wrapper, ctx, [1, 2], server_round=2)
+    received = bounds_from_content(second[0].content)
+    # Assert: the bounds travel beside ctx in their own record and come back identical
+    assert BOUNDS_KEY not in first[0].content and bounds_from_content(first[0].content) is None
+    assert isinstance(second[0].content[BOUNDS_KEY], ArrayRecord) and "ctx" in second[0].content["arrays"]
+    assert received.digest() == bounds.digest()
+    assert all(np.array_equal(received.to_arrays()[k], v) for k, v in bounds.to_arrays().items())
+    np.testing.assert_allclose(arrays["ctx"].numpy(), ctx + 0.5)
+    assert "bound-loss" in metrics and set(wrapper.broadcast_records) == {BOUNDS_KEY}
+
+
+def test_validation_still_checks_ctx_when_bounds_are_sent():
+    # Prepare: Validated outside the wrapper (as in the ServerApp); one reply with a wrongly shaped ctx
+    bounds = {"l": np.ones(3, dtype=np.float32)}
+    wrapper = Validated(ActivationBoundWrapper(_FedAvg(), lambda ctx, rnd: (bounds, {})))
+    ctx = np.zeros((2, 3), dtype=np.float32)
+    configure(wrapper, ctx, [1, 2])
+    wrapper.aggregate_train(1, [])  # nothing to learn from
+    wrapper.inner.bounds = bounds
+    instructions = configure(wrapper, ctx, [1, 2], server_round=2)
+    bad = RecordDict(
+        {"arrays": ArrayRecord({"ctx": Array(np.zeros(1, dtype=np.float32))}), "metrics": train_content(ctx)["metrics"]}
+    )
+    # Execute
+    arrays, _ = wrapper.aggregate_train(2, replies_to(instructions, {1: train_content(ctx + 2), 2: bad}))
+    # Assert: the bad reply is rejected; the good one's ctx is the aggregate
+    assert [nid for nid, _ in wrapper.last_rejected] == [2]
+    np.testing.assert_allclose(arrays["ctx"].numpy(), ctx + 2)
+
+
+def _FedAvg():  # noqa: N802 - a factory named like the class it builds
+    from flwr.serverapp.strategy import FedAvg
+
+    return FedAvg(min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=0, fraction_evaluate=0.0)
