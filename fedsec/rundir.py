@@ -11,7 +11,7 @@ Layout (all paths relative to the absolute run directory)::
     checkpoints/round_NNNN.npz   global ctx after every round (+ "round")
     checkpoints/strategy_NNNN.npz   the strategy's state after that round (FoolsGold's
                           histories, FLAME's noise generator, the global RNGs;
-                          written before round_NNNN.npz, read on resume)
+                          written before round_NNNN.npz, read on resume; the two newest)
     attacker/             the colluding attackers' store (trigger), if any
     flwr.log              the Flower log of the run (when started by fedsec.launch)
 """
@@ -94,10 +94,15 @@ class RunDir:
         """Save the strategy's state after ``server_round`` (see :mod:`strategies.state`).
 
         Written before the round's ``round_NNNN.npz``, so every checkpointed
-        round has its strategy state.
+        round has its strategy state. Only the two newest are kept (a resume
+        needs the state of the newest ``round_NNNN.npz``, which may still be
+        the previous round's); FoolsGold's histories grow with the federation.
         """
         out = self.path / "checkpoints" / f"strategy_{server_round:04d}.npz"
         _savez_atomic(out, **state)
+        for old in (self.path / "checkpoints").glob("strategy_*.npz"):
+            if int(old.stem.split("_")[1]) < server_round - 1:
+                old.unlink(missing_ok=True)
         return out
 
     def write_json(self, name: str, obj: dict) -> None:

@@ -80,9 +80,9 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     for a, b in zip(rows, ref_rows, strict=True):
         assert a["clean_acc"] == pytest.approx(b["clean_acc"], abs=2e-3), a["round"]
     assert resumed["clean_acc"] == pytest.approx(ref["clean_acc"], abs=2e-3)
-    # Assert: the strategy state of every round was saved, and the final prompts agree (FLAME's noise continued)
+    # Assert: the strategy state of the newest rounds was kept, and the final prompts agree (FLAME's noise continued)
     assert sorted(p.name for p in (target / "checkpoints").glob("strategy_*.npz")) == [
-        f"strategy_{r:04d}.npz" for r in (1, 2, 3)
+        f"strategy_{r:04d}.npz" for r in (2, 3)
     ]
     with np.load(target / "final_prompt.npz") as a, np.load(tmp_path / "ref" / "final_prompt.npz") as b:
         np.testing.assert_allclose(a["ctx"], b["ctx"], rtol=0, atol=1e-6)

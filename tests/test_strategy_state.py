@@ -148,3 +148,16 @@ def test_round_faults_counts_error_replies_and_missing_replies():
     faults = round_faults({m.metadata.message_id: m.metadata.dst_node_id for m in instructions}, replies)
     # Assert
     assert faults == {"num_sent": 3, "failed_replies": 1, "missing_replies": 1, "failed_nodes": [12, 13]}
+
+
+def test_run_dir_keeps_the_two_newest_strategy_states(tmp_path):
+    # Prepare
+    run_dir = RunDir.create(tmp_path / "run", {})
+    # Execute
+    for r in range(1, 5):
+        run_dir.write_strategy_state(r, {"x": np.full(3, r)})
+    # Assert
+    names = sorted(p.name for p in (run_dir.path / "checkpoints").iterdir())
+    assert names == ["strategy_0003.npz", "strategy_0004.npz"]
+    np.testing.assert_array_equal(run_dir.strategy_state(4)["x"], [4, 4, 4])
+    assert run_dir.strategy_state(2) is None
