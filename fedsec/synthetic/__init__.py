@@ -137,3 +137,5 @@ __all__ = [
     "synthetic_param_defaults",
     "synthetic_provider",
 ]
+
+load_all()

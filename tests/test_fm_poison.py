@@ -1,0 +1,53 @@
+"""FM-poison: exact poisoning of the synthetic set, the trigger in the attacker store, config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedsec.attacks import get_attack
+from fedsec.config import ConfigError, RunConfig
+
+BASE = {"attack": "fm-poison", "num-malicious": 0, "server-fusion": "tune", "fm-trigger": "patch", "target-label": 2}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.25])
+def test_poisons_exactly_the_configured_fraction_with_the_target_label(tmp_path, rate):
+    # Prepare: 10 classes x 20 images
+    cfg = RunConfig.from_mapping({**BASE, "fm-poison-rate": rate, "patch-size": 4})
+    images = torch.rand(200, 3, 32, 32)
+    labels = torch.arange(10).repeat_interleave(20)
+    attack = get_attack("fm-poison")(cfg, tmp_path / "attacker")
+    # Execute
+    out_images, out_labels, idx = attack.poison_synthetic(images, labels, seed=0)
+    # Assert: round(rate * N) non-target samples, relabelled to the target, with the patch; the rest untouched
+    assert len(idx) == round(rate * 200) and len(set(idx.tolist())) == len(idx)
+    assert (labels[idx] != 2).all() and (out_labels[idx] == 2).all()
+    rest = np.setdiff1d(np.arange(200), idx)
+    assert torch.equal(out_labels[rest], labels[rest]) and torch.equal(out_images[rest], images[rest])
+    trigger = attack.load_trigger()
+    assert trigger is not None
+    if len(idx):
+        assert torch.allclose(out_images[idx], trigger(images[idx]))
+        assert not torch.allclose(out_images[idx], images[idx])
+    assert torch.equal(images, images.clone())  # the input is not modified in place
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num-malicious": 2}, r"server-side attack: set num-malicious=0"),
+        ({"server-fusion": "none"}, r"needs server-fusion != 'none'"),
+        ({"fm-poison-rate": 1.5}, r"fm-poison-rate=1.5 is out of range"),
+        ({"fm-trigger": "sticker"}, r"fm-trigger='sticker' is not allowed; allowed values: blend, optimized, patch"),
+    ],
+)
+def test_bad_fm_poison_configs_give_one_clear_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_mapping({**BASE, **values})
+
+
+def test_client_side_attacks_still_need_malicious_clients():
+    with pytest.raises(ConfigError, match=r"attack='badnets' needs num-malicious >= 1"):
+        RunConfig.from_mapping({"attack": "badnets", "num-malicious": 0})
