@@ -105,14 +105,24 @@ def _healthy(port: str) -> bool:
         return False
 
 
+def _port_busy(port: str) -> bool:
+    """Whether something listens on ``127.0.0.1:port``."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex(("127.0.0.1", int(port))) == 0
+
+
 class LocalSuperLink:
     """A simulation SuperLink on loopback that we start and stop by PID."""
 
     def __init__(self, env: dict[str, str], log_file: Path) -> None:
         self.env = env
         self.log_file = log_file
+        self.fixed_ports = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" in env
         self.http_port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
-        self.control_port = env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+        self.control_port = env.get("FLWR_LOCAL_CONTROL_API_PORT", str(int(self.http_port) + 2))
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -124,7 +134,11 @@ class LocalSuperLink:
         if not self.pid_file.exists():
             return
         try:
-            pid = int(self.pid_file.read_text().strip())
+            fields = self.pid_file.read_text().split()
+            pid = int(fields[0])
+            owner = int(fields[1]) if len(fields) > 1 else 0
+            if owner and _alive(owner) and owner != os.getpid():
+                return  # another launcher's SuperLink, still in use
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             if "flower-superlink" in cmdline:
                 kill_tree(pid, grace_s=5.0)
@@ -136,8 +150,22 @@ class LocalSuperLink:
             pass
         self.pid_file.unlink(missing_ok=True)
 
+    def _pick_ports(self) -> None:
+        """Move to the next free port pair when another launcher's SuperLink holds this one."""
+        for _ in range(50):
+            self._reap_stale()
+            if not (_healthy(self.http_port) or _port_busy(self.http_port) or _port_busy(self.control_port)):
+                break
+            if self.fixed_ports:
+                break
+            self.http_port = str(int(self.http_port) + 10)
+            self.control_port = str(int(self.control_port) + 10)
+        # flwr's "local" federation reads these: the `flwr run` we start talks to this SuperLink.
+        self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = self.http_port
+        self.env["FLWR_LOCAL_CONTROL_API_PORT"] = self.control_port
+
     def __enter__(self) -> LocalSuperLink:
-        self._reap_stale()
+        self._pick_ports()
         if _healthy(self.http_port):
             raise RuntimeError(
                 f"a SuperLink already answers on 127.0.0.1:{self.http_port}; stop it (flwr's managed "
@@ -159,7 +187,7 @@ class LocalSuperLink:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid_file.write_text(str(self.proc.pid))
+        self.pid_file.write_text(f"{self.proc.pid} {os.getpid()}")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

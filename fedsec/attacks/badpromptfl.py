@@ -40,9 +40,9 @@ PARAMS: dict[str, object] = {
     "trigger-steps": 25,
     "attack-local-steps": 50,
     "attack-lr": 0.005,
-    "stealth-weight": 0.0,
-    "trigger-separation": 0.0,
-    "trigger-rounds": 0,
+    "stealth-weight": 5.0,
+    "trigger-separation": 2.0,
+    "trigger-rounds": 3,
 }
 
 
