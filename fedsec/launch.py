@@ -43,9 +43,19 @@ def flower_env(app_dir: Path) -> dict[str, str]:
     # The SuperLink starts flower-superexec & co. from PATH: put this interpreter's bin first.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray renices its workers to 15; the client actors do the work of a run, keep them at our priority.
+    env.setdefault("RAY_worker_niceness", "0")
     # Each simulated client gets one thread: actors run side by side on the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` so ``with LocalSuperLink(...)`` stops what it started."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _bin(name: str) -> str:
@@ -271,6 +281,7 @@ def run(
     log_path = run_dir / "flwr.log"
     rounds = int(values.get("num-server-rounds", 0)) or None
     t0 = time.time()
+    _exit_on_sigterm()
     with LocalSuperLink(env, Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"), open(log_path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()

@@ -133,3 +133,57 @@ def test_active_rounds_window_and_probability(tmp_path):
         cfg.with_updates(extra={**cfg.extra, "attack-probability": 0.0, "attack-end-round": 0}), tmp_path
     )
     assert not any(never.is_active(r) for r in range(2, 10))
+
+
+def _tiny_badpromptfl_setup(random_clip, tmp_path, **params):
+    """A CSC prompt model on random weights, 40 random images of 4 classes, and a BadPromptFL attack."""
+    from fedsec.models.prompt import PromptCLIP, PromptLearner
+    from fedsec.training import LocalData
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, random_clip.image_size, random_clip.image_size, generator=gen)
+    labels = torch.arange(40) % 4
+    data = LocalData(images, labels, random_clip.encode_images_batched(images))
+    learner = PromptLearner(random_clip.model, random_clip.tokenizer, ["a", "b", "c", "d"], 2, "", "end", True, 0)
+    model = PromptCLIP(random_clip, learner)
+    cfg = RunConfig.from_mapping(
+        {"attack": "badpromptfl", "num-malicious": 1, "batch-size": 8, "attack-local-steps": 3, **params}
+    )
+    return model, data, get_attack("badpromptfl")(cfg, tmp_path / "attacker")
+
+
+def test_badpromptfl_trigger_is_learned_then_frozen_after_trigger_rounds(random_clip, tmp_path):
+    # Prepare: the trigger is optimised in the first attack round only
+    model, data, atk = _tiny_badpromptfl_setup(random_clip, tmp_path, **{"trigger-rounds": 1, "patch-size": 4})
+    fresh = atk.current_trigger(1, random_clip.image_size).state()["patch"]
+    # Execute: rounds 1 and 2
+    atk.run(model, data, random_clip, 1, 0, 1)
+    after_1 = atk.load_trigger().state()["patch"]
+    ctx_before_2 = model.prompt_learner.ctx.detach().clone()
+    atk.run(model, data, random_clip, 2, 0, 2)
+    after_2 = atk.load_trigger().state()["patch"]
+    # Assert: round 1 changed the patch, round 2 kept it but still trained the prompt
+    assert not torch.equal(fresh, after_1)
+    assert torch.equal(after_1, after_2)
+    assert not torch.equal(ctx_before_2, model.prompt_learner.ctx.detach())
+
+
+def test_badpromptfl_stealth_term_keeps_clean_predictions_closer_to_the_global_prompt(random_clip, tmp_path):
+    # Prepare: the same attack without and with a strong stealth (KL to the received prompt) term
+    def clean_drift(weight: float) -> float:
+        model, data, atk = _tiny_badpromptfl_setup(
+            random_clip,
+            tmp_path / str(weight),
+            **{"stealth-weight": weight, "attack-local-steps": 15, "attack-lr": 0.05, "backdoor-weight": 5.0},
+        )
+        with torch.no_grad():
+            before = torch.log_softmax(model.logits_from_features(data.features), -1)
+        atk.run(model, data, random_clip, 1, 0, 1)
+        with torch.no_grad():
+            after = torch.log_softmax(model.logits_from_features(data.features), -1)
+        return float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="batchmean"))
+
+    # Execute
+    free, stealthy = clean_drift(0.0), clean_drift(50.0)
+    # Assert: the KL between the clean predictions before and after local training shrinks
+    assert stealthy < free
