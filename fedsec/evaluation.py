@@ -187,7 +187,7 @@ class Evaluation:
             "[fedsec] round %d/%d  clean_acc %.1f%%  asr %s  (%.1fs)",
             server_round,
             self.cfg.num_server_rounds,
-            100 * clean,
+            100 * row["clean_acc"],
             asr,
             row["round_s"],
         )

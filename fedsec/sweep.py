@@ -58,13 +58,34 @@ def load_grid(path: Path) -> tuple[dict, dict, dict[str, list]]:
 
 
 def expand(base: dict, grid: dict[str, list]) -> list[tuple[str, dict]]:
-    """All (run name, run config) pairs of the grid, in a stable order."""
+    """All (run name, run config) pairs of the grid, in a stable order.
+
+    A value that is a table (``defense = [{strategy = "fedavg", activation-bounds = true}, ...]``) sets
+    several keys at once; the axis name itself is then only a label.
+    """
     keys = list(grid)
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=False))
-        name = "-".join(f"{k}={v}" for k, v in values.items()) or "base"
-        out.append((name.replace("/", "_").replace(" ", ""), {**base, **values}))
+        cfg, parts = dict(base), []
+        for key, value in zip(keys, combo, strict=False):
+            if isinstance(value, dict):
+                cfg.update(value)
+                parts.append("-".join(f"{k}={v}" for k, v in value.items()))
+            else:
+                cfg[key] = value
+                parts.append(f"{key}={value}")
+        name = "-".join(parts) or "base"
+        out.append((name.replace("/", "_").replace(" ", ""), cfg))
+    return out
+
+
+def grid_keys(grid: dict[str, list]) -> list[str]:
+    """The config keys a grid varies (the keys inside table values, else the axis name)."""
+    out: list[str] = []
+    for axis, values in grid.items():
+        for key in [k for v in values if isinstance(v, dict) for k in v] or [axis]:
+            if key not in out:
+                out.append(key)
     return out
 
 
@@ -103,7 +124,7 @@ def run_sweep(
     bar.close()
     dirs = [root / n for n, _ in runs if (root / n / "summary.json").exists()]
     results = Path(results_dir) if results_dir else app_dir / "experiments" / "results"
-    return report(dirs, results / sweep["name"], list(grid))
+    return report(dirs, results / sweep["name"], grid_keys(grid))
 
 
 def _load(run_dir: Path) -> dict:
