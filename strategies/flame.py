@@ -18,7 +18,6 @@ from logging import INFO
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from sklearn.cluster import HDBSCAN
 
 from strategies.common import (
     GlobalArraysFedAvg,
@@ -58,6 +57,8 @@ def flame_filter(updates: NDArray) -> NDArray:
         Shape ``(n,)``, True for kept updates. With fewer than 3 updates no
         majority can be told apart and all are kept.
     """
+    from sklearn.cluster import HDBSCAN  # imported here: every ClientApp process loads the strategy registry
+
     n = updates.shape[0]
     if n < 3:
         return np.ones(n, dtype=bool)

@@ -113,6 +113,52 @@ def _load_cached(name: str, split: str, root: str) -> ImageDataset:
     return DATASETS.get(name)(root, split)
 
 
+def _tree_stat(path: Path) -> list:
+    """``[relative path, size, mtime_ns]`` of every file under ``path`` (or of ``path`` itself), sorted."""
+    if path.is_file():
+        st = path.stat()
+        return [[path.name, st.st_size, st.st_mtime_ns]]
+    out = []
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = Path(dirpath) / f
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
+def source_fingerprint(name: str, root: str = "") -> dict:
+    """What identifies the files a registered dataset is read from (for the on-disk cache's keys).
+
+    The resolved data folder and the relative path, size and modification time of
+    every file in it (not their contents: a rewritten file changes its mtime), or,
+    for ``digits``, the scikit-learn version that ships it.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    root : str
+        The run config's ``data-root`` (empty for the dataset's default).
+    """
+    if name == "digits":
+        from importlib.metadata import version
+
+        return {"name": name, "sklearn": version("scikit-learn")}
+    if name == "fashion-mnist":
+        base = Path(root or os.environ.get("FEDSEC_FASHION_MNIST", FASHION_MNIST_ROOT))
+    else:
+        base = Path(root)
+    base = base.expanduser().resolve()
+    out = {"name": name, "root": str(base), "files": _tree_stat(base) if base.exists() else []}
+    if name == "imagefolder":
+        out["image_size"] = FOLDER_IMAGE_SIZE
+    return out
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) IDX file into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
