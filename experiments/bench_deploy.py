@@ -15,6 +15,11 @@ launcher's wall time (FAB build and upload, ServerApp start, ...) and, for the d
 set-up (SuperLink, key registration, SuperNodes online). The load average is recorded: on a
 shared machine the figures are upper bounds.
 
+Both runs use a fresh on-disk cache (``FEDSEC_CACHE_DIR``, :mod:`fedsec.diskcache`) unless
+``--cache-dir`` names one, so round 1 pays for building the clients' data and later rounds
+read it. ``--baseline OLD.json`` adds the deployment column of an earlier result (e.g. before a
+change) to the Markdown report. ``--superlink-port`` / ``--node-port-base`` pick the ports.
+
 Writes ``experiments/results/bench_deploy.json`` and ``bench_deploy.md``.
 
 Run::
@@ -89,10 +94,22 @@ def steady_round(train_round_s: list[float]) -> float | None:
     return round(statistics.fmean(later), 2) if later else None
 
 
-def bench_deployment(values: dict, nodes: int, work: Path, insecure: bool) -> dict:
-    """Start a loopback deployment, run ``values``, stop it; return its timings."""
+def bench_deployment(
+    values: dict, nodes: int, work: Path, insecure: bool, ports: tuple[int, int] = (19091, 19092)
+) -> dict:
+    """Start a loopback deployment, run ``values``, stop it; return its timings.
+
+    ``ports`` are the SuperLink's port and the first SuperNode Runtime API port.
+    """
     deploy = _load_deploy()
-    cfg = deploy.DeployConfig(work_dir=work / "deploy", num_nodes=nodes, insecure=insecure, startup_timeout_s=300)
+    cfg = deploy.DeployConfig(
+        work_dir=work / "deploy",
+        num_nodes=nodes,
+        insecure=insecure,
+        startup_timeout_s=300,
+        superlink_port=ports[0],
+        node_port_base=ports[1],
+    )
     run_dir = work / "run-deploy"
     summary, dep = deploy.deploy_and_run(cfg, {**values, "run-dir": str(run_dir)}, quiet=True, timeout_s=3600)
     out = round_stats(run_dir)
@@ -126,10 +143,9 @@ def bench_simulation(values: dict, nodes: int, work: Path) -> dict:
     return out
 
 
-def markdown(result: dict) -> str:
-    """The result as a Markdown report."""
-    d, s = result["deployment"], result["simulation"]
-    rows = [
+def markdown_rows(d: dict, s: dict) -> list[tuple[str, object, object]]:
+    """``(label, deployment, simulation)`` rows of the report."""
+    return [
         ("set-up (SuperLink, keys, SuperNodes online)", d.get("setup_s"), "-"),
         ("launcher wall time (`flwr run`, FAB, ServerApp)", d["launcher_wall_s"], s["launcher_wall_s"]),
         ("ServerApp wall time (`summary.json` `wall_s`)", d["serverapp_wall_s"], s["serverapp_wall_s"]),
@@ -141,7 +157,19 @@ def markdown(result: dict) -> str:
         ("server evaluation per round (`eval_s`, mean)", _mean(d["eval_s"][1:]), _mean(s["eval_s"][1:])),
         ("final clean accuracy", d["clean_acc"], s["clean_acc"]),
     ]
+
+
+def markdown(result: dict, baseline: dict | None = None) -> str:
+    """The result as a Markdown report (with the deployment column of ``baseline`` first, if given)."""
+    d, s = result["deployment"], result["simulation"]
+    rows = markdown_rows(d, s)
     cfg = " ".join(f"{k}={v}" for k, v in result["config"].items())
+    head, rule = "| | deployment | simulation |", "|---|---|---|"
+    table = [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if baseline is not None:
+        old = {a: b for a, b, _ in markdown_rows(baseline["deployment"], baseline["simulation"])}
+        head, rule = "| | deployment before | deployment | simulation |", "|---|---|---|---|"
+        table = [f"| {a} | {old.get(a, '-')} | {b} | {c} |" for a, b, c in rows]
     lines = [
         "# Deployment vs simulation round time",
         "",
@@ -149,15 +177,27 @@ def markdown(result: dict) -> str:
         f"{'on' if d['tls'] else 'off'} and node authentication {'on' if d['node_auth'] else 'off'}; "
         "simulation with 1 CPU per simulated SuperNode. Seconds.",
         "",
-        "| | deployment | simulation |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        head,
+        rule,
+        *table,
         "",
         f"Mean training round, deployment / simulation: **{result['ratio_mean_train_round']}x**; "
         f"steady rounds (>= 2): **{result['ratio_steady_round']}x**. A deployment runs every ClientApp "
-        "message in a fresh `flwr-clientapp` process (Python, torch, the CLIP model, the partition and its "
-        "features are loaded again every round); simulation actors live for the whole run and keep them "
-        "cached (`fedsec/node.py`), so only their first round pays for it.",
+        "message in a fresh `flwr-clientapp` process (Python, torch and open_clip are imported and the CLIP "
+        "model is loaded again every round; the client's k-shot data and frozen features come from the "
+        "on-disk cache after round 1); simulation actors live for the whole run and keep everything "
+        "cached in memory (`fedsec/node.py`), so only their first round pays for it.",
+        *(
+            [
+                "",
+                f"Deployment before: `{baseline['command']}` on {baseline.get('date', '?')}, load average "
+                f"{baseline['machine']['loadavg_before']} before, {baseline['machine']['loadavg_after']} after.",
+            ]
+            if baseline is not None
+            else []
+        ),
+        "",
+        f"Settings: {result.get('settings', {})}.",
         "",
         f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['platform']}); load average "
         f"{result['machine']['loadavg_before']} before, {result['machine']['loadavg_after']} after "
@@ -186,8 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "bench_deploy"), help="output stem (.json and .md are added)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md (and derived fields) from the .json")
+    ap.add_argument("--cache-dir", default=None, help="FEDSEC_CACHE_DIR of both runs (default: a fresh one)")
+    ap.add_argument("--baseline", default=None, help="an earlier result .json whose deployment column is shown too")
+    ap.add_argument("--superlink-port", type=int, default=19091, help="the deployment's SuperLink port")
+    ap.add_argument("--node-port-base", type=int, default=19092, help="SuperNode k's Runtime API port is this + k")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     if args.render:
         result = json.loads(out.with_suffix(".json").read_text())
         for part in ("deployment", "simulation"):
@@ -196,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             result["deployment"]["steady_round_s"], result["simulation"]["steady_round_s"]
         )
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(result))
-        print(markdown(result))
+        out.with_suffix(".md").write_text(markdown(result, baseline))
+        print(markdown(result, baseline))
         return 0
     values = {"num-server-rounds": args.rounds, "min-train-nodes": args.nodes, **SMALL}
     values.update(parse_overrides(args.run_config))
@@ -205,8 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        os.environ["FEDSEC_CACHE_DIR"] = str(Path(args.cache_dir).resolve() if args.cache_dir else work / "cache")
+        settings = {
+            k: os.environ.get(k, "")
+            for k in (
+                "FEDSEC_CACHE_DIR",
+                "FEDSEC_DISK_CACHE",
+                "FEDSEC_GRID_POLL_S",
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+            )
+        }
         print(f"[bench] deployment: {args.nodes} SuperNodes, {args.rounds} rounds", flush=True)
-        dep = bench_deployment(values, args.nodes, work, args.insecure)
+        ports = (args.superlink_port, args.node_port_base)
+        dep = bench_deployment(values, args.nodes, work, args.insecure, ports)
         print(f"[bench] deployment round_s {dep['round_s']}", flush=True)
         print(f"[bench] simulation: {args.nodes} SuperNodes, {args.rounds} rounds", flush=True)
         sim = bench_simulation(values, args.nodes, work)
@@ -224,13 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before,
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
+        "settings": settings,
         "command": "python experiments/bench_deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    out.with_suffix(".md").write_text(markdown(result, baseline))
+    print(markdown(result, baseline))
     return 0
 
 

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsec.config import RunConfig
 from fedsec.evaluation import Evaluation
+from fedsec.grid import fast_polling
 from fedsec.node import seed_everything
 from fedsec.rundir import RunDir
 from fedsec.synthetic import synthetic_provider
@@ -37,6 +38,7 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
 def main(grid: Grid, context: Context) -> None:
     """Run federated prompt learning as configured by ``context.run_config``."""
     cfg = RunConfig.from_mapping(context.run_config)
+    grid = fast_polling(grid)  # a deployment's grid polls for replies every 0.5 s, not Flower's 3 s
     path = cfg.resolved_run_dir(context.run_id)
     reopened = RunDir.reopen(path) if cfg.resume else None
     done, arrays = (reopened[1], reopened[2]) if reopened else (0, {})

@@ -84,6 +84,9 @@ from fedsec.launch import (  # noqa: E402
 
 MAKE_CERTS = Path(__file__).resolve().parent / "make_certs.sh"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+#: Seconds between a SuperNode's task polls of its ClientApp launcher (``flower-superexec``; Flower's default 1 s).
+#: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` in the environment wins.
+SUPEREXEC_POLL_S = "0.2"
 
 
 def _hostport(host: str, port: int) -> str:
@@ -453,6 +456,8 @@ class Deployment:
                     raise FileNotFoundError(f"{cfg.node_key(pid)} missing (the node's private key)")
                 cmd += ["--auth-supernode-private-key", str(cfg.node_key(pid))]
         env = dict(self.env, FLWR_HOME=str(self.flwr_home / name))
+        # The SuperNode's flower-superexec asks its Runtime API for a task every 1 s by default.
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
         proc = self._popen(name, cmd, env)
         if port not in self.ports:
             self.ports.append(port)
