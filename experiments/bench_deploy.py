@@ -251,14 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir).resolve() if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         os.environ["FEDSEC_CACHE_DIR"] = str(Path(args.cache_dir).resolve() if args.cache_dir else work / "cache")
-        settings = {
-            k: os.environ.get(k, "")
-            for k in (
-                "FEDSEC_CACHE_DIR",
-                "FEDSEC_DISK_CACHE",
-                "FEDSEC_GRID_POLL_S",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
-            )
+        settings = {  # the effective values (in the environment, else the defaults of fedsec and deploy.py)
+            "FEDSEC_CACHE_DIR": os.environ["FEDSEC_CACHE_DIR"],
+            "FEDSEC_DISK_CACHE": os.environ.get("FEDSEC_DISK_CACHE", "1"),
+            "FEDSEC_GRID_POLL_S": os.environ.get("FEDSEC_GRID_POLL_S", "0.5"),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
         }
         print(f"[bench] deployment: {args.nodes} SuperNodes, {args.rounds} rounds", flush=True)
         ports = (args.superlink_port, args.node_port_base)
