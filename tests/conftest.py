@@ -9,9 +9,18 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (``-n N``) each worker gets its own torch threads, Flower home and SuperLink
+# ports, so end-to-end tests in different workers never share a SuperLink or a config file.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_N_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _N_WORKERS)))
+if _WORKER:
+    _idx = int(_WORKER.removeprefix("gw") or 0)
+    os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr" / f"xdist-{_WORKER}"))
+    os.environ.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(39091 + 200 + 20 * _idx))
+    os.environ.setdefault("FLWR_LOCAL_CONTROL_API_PORT", str(39093 + 200 + 20 * _idx))
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(
     not FMNIST.exists() and not os.environ.get("CI"),
