@@ -39,19 +39,36 @@ class TextEncoder(nn.Module):
     def forward(self, embeddings: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
         """Encode ``embeddings`` (``P x L x D``) whose token ids are ``tokenized``.
 
-        ``tokenized`` only locates the pooled (end-of-text) position.
+        ``tokenized`` only locates the pooled (end-of-text) position. With the
+        causal mask and end-of-text pooling, positions after the last
+        end-of-text token cannot influence the pooled output, so they are cut
+        off before the transformer: the result is the same, at the cost of the
+        longest prompt instead of the context length.
         """
+        keep = self.keep_length(tokenized)
         cast_dtype = self.transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + self.positional_embedding.to(cast_dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = embeddings[:, :keep].to(cast_dtype) + self.positional_embedding[:keep].to(cast_dtype)
+        mask = None if self.attn_mask is None else self.attn_mask[:keep, :keep]
+        x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
-        x = text_global_pool(x, tokenized, self.pool_type, eos_token_id=self.eos_id)
+        x = text_global_pool(x, tokenized[:, :keep], self.pool_type, eos_token_id=self.eos_id)
         if self.text_projection is not None:
             if isinstance(self.text_projection, nn.Linear):
                 x = self.text_projection(x)
             else:
                 x = x @ self.text_projection
         return x
+
+    def keep_length(self, tokenized: torch.Tensor) -> int:
+        """How many leading positions determine the pooled output (all of them unless causal + EOT pooling)."""
+        full = int(tokenized.shape[1])
+        if self.attn_mask is None:
+            return full
+        if self.pool_type == "argmax":
+            return int(tokenized.argmax(dim=-1).max()) + 1
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return int((tokenized == self.eos_id).int().argmax(dim=-1).max()) + 1
+        return full
 
 
 class PromptLearner(nn.Module):
