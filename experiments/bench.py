@@ -12,8 +12,8 @@
 3. **Scale**: 10, 100 and 1000 simulated clients (SuperNodes) with at most
    ``--sampled`` of them trained per round; round time and the peak memory
    of the whole process tree (SuperLink, simulation runtime, ServerApp and
-   every client actor), sampled from ``/proc`` every 0.5 s (sum of RSS and
-   sum of PSS; PSS counts shared pages once).
+   every client actor; not this benchmark process), sampled from ``/proc``
+   every 0.5 s (sum of RSS and sum of PSS; PSS counts shared pages once).
 
 Run: ``.venv/bin/python experiments/bench.py`` (about 20 minutes on 2 cores);
 ``--only flower,step,scale`` picks parts, ``--scale-clients 10,100,1000``.
@@ -42,7 +42,7 @@ from fedsec.launch import descendants, run  # noqa: E402
 
 
 class TreeMemory:
-    """Peak total RSS and PSS of this process and all its descendants, polled in a thread."""
+    """Peak total RSS and PSS of all descendants of this process (the run, not the benchmark), polled."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
@@ -68,7 +68,7 @@ class TreeMemory:
         me = os.getpid()
         while not self._stop.is_set():
             tot_rss = tot_pss = 0
-            for pid in [me, *descendants(me)]:
+            for pid in descendants(me):
                 rss, pss = self._read(pid)
                 tot_rss += rss
                 tot_pss += pss
@@ -203,24 +203,32 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.only.split(","))
     res: dict = {"machine": f"{os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        out.with_suffix(".md").write_text(to_markdown(res))
+
     with tempfile.TemporaryDirectory(prefix="fedsec-bench-") as tmp:
         work = Path(tmp)
         if "flower" in parts:
             res["flower"] = bench_flower(args.flower_rounds, args.flower_clients, work)
             print(json.dumps(res["flower"], indent=2), flush=True)
+            save()
         if "step" in parts:
-            out = work / "step.json"
-            subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_step.py"), "--out", str(out)], check=True)
-            res["step"] = json.loads(out.read_text())
+            step_out = work / "step.json"
+            cmd = [sys.executable, str(ROOT / "experiments" / "bench_step.py"), "--out", str(step_out)]
+            subprocess.run(cmd, check=True)
+            res["step"] = json.loads(step_out.read_text())
+            save()
         if "scale" in parts:
             res["scale"] = []
             for n in [int(x) for x in args.scale_clients.split(",")]:
                 res["scale"].append(bench_scale(n, args.sampled, args.scale_rounds, work))
                 print(json.dumps(res["scale"][-1], indent=2), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(res))
+                save()
+    save()
     print(to_markdown(res))
 
 
