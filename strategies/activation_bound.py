@@ -114,10 +114,6 @@ class ActivationBoundWrapper(StrategyWrapper):
         """Delegate, then add the bounds record to every message."""
         return self._attach(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
 
 def bound_learner(cfg, synthetic_data: Callable) -> Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]]:
     """``(ctx, round) -> (bounds, metrics)`` on the synthetic data (state kept across rounds: warm start)."""

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsec.registry import Registry
@@ -71,12 +70,6 @@ class ServerFusion(StrategyWrapper):
         log(INFO, "\t├──> Server fusion on synthetic data: %s", self.mode)
         self.inner.summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -91,16 +84,6 @@ class ServerFusion(StrategyWrapper):
             merged[key] = float(value)
         log(INFO, "server fusion (%s): %s", self.mode, {k: round(float(v), 4) for k, v in stats.items()})
         return out, merged
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def synthetic_prompt_model(cfg, synthetic) -> tuple:

@@ -194,16 +194,6 @@ class NormClipWrapper(StrategyWrapper):
         log(INFO, "norm-clip: %d of %d updates clipped to %s", n_clipped, len(clipped_replies), self.clip_norm)
         return self.inner.aggregate_train(server_round, clipped_replies)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to ``inner``."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate to ``inner``."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
 
 @register_strategy("norm-clip", params={"clip-norm": 1.0})
 def norm_clip(sctx: StrategyContext) -> FedAvg:

@@ -69,6 +69,14 @@ STRATEGY_MODULES = [
 ]
 
 
+def _declare_params(user: str, params: dict[str, object] | None) -> None:
+    """Record the run-config keys ``user`` reads; one key may serve several users with one default."""
+    for key, value in (params or {}).items():
+        if key in _PARAMS and _PARAMS[key]["default"] != value:
+            raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
+        _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(user)
+
+
 def register_strategy(name: str, params: dict[str, object] | None = None):
     """Register a strategy factory under ``name``.
 
@@ -82,10 +90,7 @@ def register_strategy(name: str, params: dict[str, object] | None = None):
 
     def deco(factory: StrategyFactory) -> StrategyFactory:
         STRATEGIES.register(name)(factory)
-        for key, value in (params or {}).items():
-            if key in _PARAMS and _PARAMS[key]["default"] != value:
-                raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
-            _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(name)
+        _declare_params(name, params)
         return factory
 
     return deco
@@ -114,10 +119,7 @@ def register_wrapper(name: str, params: dict[str, object] | None = None):
     def deco(factory: WrapperFactory) -> WrapperFactory:
         STRATEGY_WRAPPERS.register(name)(factory)
         _WRAPPER_ORDER.append(name)
-        for key, value in (params or {}).items():
-            if key in _PARAMS and _PARAMS[key]["default"] != value:
-                raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
-            _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(name)
+        _declare_params(name, params)
         return factory
 
     return deco

@@ -312,12 +312,6 @@ class Validated(StrategyWrapper):
             metrics = merged
         return arrays, metrics
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to ``inner``."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Drop error replies and replies without valid metrics, then delegate."""
         accepted: list[Message] = []

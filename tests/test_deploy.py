@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, needs_fmnist
+from tests.conftest import needs_fmnist
+from tests.deploy_helpers import load_deploy
 
 pytestmark = [pytest.mark.e2e, needs_fmnist]
 
-DEPLOY_PY = ROOT / "experiments" / "deploy" / "deploy.py"
 # Unusual ports, away from the simulation SuperLink (39091/39093) and Flower's defaults (8000, 9094).
 SUPERLINK_PORT = 19091
 NODE_PORT_BASE = 19092
 
 
-def _load_deploy():
-    spec = importlib.util.spec_from_file_location("fedsec_deploy", DEPLOY_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tls_node_auth_deployment_with_one_attacker(tmp_path):
     # Prepare: TLS certificates and 3 node key pairs, a SuperLink on loopback with node authentication
-    deploy = _load_deploy()
+    deploy = load_deploy()
     cfg = deploy.DeployConfig(
         work_dir=tmp_path / "work",
         num_nodes=3,

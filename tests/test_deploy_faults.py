@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.conftest import ROOT, needs_fmnist
+from tests.conftest import needs_fmnist
+from tests.deploy_helpers import load_deploy
 
 pytestmark = [pytest.mark.e2e, needs_fmnist]
 
-DEPLOY_PY = ROOT / "experiments" / "deploy" / "deploy.py"
 # Away from tests/test_deploy.py (19091-19094), the simulation SuperLink (39091/39093) and Flower's defaults.
 SUPERLINK_PORT = 19191
 NODE_PORT_BASE = 19192
 VICTIM = 2  # the partition whose SuperNode is killed in round 1
 
 
-def _load_deploy():
-    spec = importlib.util.spec_from_file_location("fedsec_deploy", DEPLOY_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_supernode_killed_mid_round_then_restarted(tmp_path):
     # Prepare: an insecure loopback deployment, 3 SuperNodes, rounds that need only 2 of them
-    deploy = _load_deploy()
+    deploy = load_deploy()
     cfg = deploy.DeployConfig(
         work_dir=tmp_path / "work",
         insecure=True,
