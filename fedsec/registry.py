@@ -53,6 +53,19 @@ class Registry(Generic[T]):
         """Sorted registered names."""
         return sorted(self._items)
 
+    def param_defaults(self, base: dict[str, object] | None = None) -> dict[str, object]:
+        """Merge the ``params`` (run-config key -> default) declared by every registered item.
+
+        A key may be shared by several items only with one default; otherwise ``ValueError``.
+        """
+        out = dict(base or {})
+        for name in self.names():
+            for key, value in getattr(self._items[name], "params", {}).items():
+                if key in out and out[key] != value:
+                    raise ValueError(f"{self.kind} parameter {key!r} declared twice with different defaults")
+                out[key] = value
+        return out
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -68,3 +68,17 @@ def test_relative_run_dir_resolves_under_runs_root(tmp_path, monkeypatch):
     auto = RunConfig.from_mapping({}).resolved_run_dir()
     assert auto.parent == tmp_path and auto.name.endswith("-none-fedavg")
     assert RunConfig.from_mapping({}).resolved_run_dir(run_id=42).name == "run-42-none-fedavg"
+
+
+def test_registry_merges_declared_params_and_rejects_conflicting_defaults():
+    # Prepare: two items sharing a key with one default, then a third contradicting it
+    from fedsec.registry import Registry
+
+    reg: Registry[type] = Registry("thing")
+    reg.register("a")(type("A", (), {"params": {"k": 1, "x": 2}}))
+    reg.register("b")(type("B", (), {"params": {"k": 1}}))
+    # Execute / Assert: merged over the base
+    assert reg.param_defaults({"base": 0}) == {"base": 0, "k": 1, "x": 2}
+    reg.register("c")(type("C", (), {"params": {"k": 3}}))
+    with pytest.raises(ValueError, match="'k' declared twice"):
+        reg.param_defaults()

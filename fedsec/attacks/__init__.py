@@ -32,13 +32,7 @@ def load_all() -> None:
 def attack_param_defaults() -> dict[str, object]:
     """Run-config keys declared by the attacks, with their defaults."""
     load_all()
-    out: dict[str, object] = {}
-    for name in ATTACKS.names():
-        for key, value in ATTACKS.get(name).params.items():
-            if key in out and out[key] != value:
-                raise ValueError(f"attack parameter {key!r} declared twice with different defaults")
-            out[key] = value
-    return out
+    return ATTACKS.param_defaults()
 
 
 def get_attack(name: str) -> type[Attack]:

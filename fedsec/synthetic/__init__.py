@@ -47,13 +47,7 @@ def load_all() -> None:
 def synthetic_param_defaults() -> dict[str, object]:
     """Run-config keys of the synthetic data (common and per source), with defaults."""
     load_all()
-    out = dict(COMMON_PARAMS)
-    for name in SYNTHETIC_SOURCES.names():
-        for key, value in SYNTHETIC_SOURCES.get(name).params.items():
-            if key in out and out[key] != value:
-                raise ValueError(f"synthetic parameter {key!r} declared twice with different defaults")
-            out[key] = value
-    return out
+    return SYNTHETIC_SOURCES.param_defaults(COMMON_PARAMS)
 
 
 def get_source(name: str) -> type[SyntheticSource]:
