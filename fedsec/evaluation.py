@@ -82,10 +82,13 @@ class Evaluation:
 
     # ---------------------------------------------------------------- API
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
-        """Continue an interrupted run: its metric history and benign-only shadow prompt."""
+        """Continue an interrupted run: its metric history, benign-only shadow prompt and activation bounds."""
         self.history = self.run_dir.metrics()
         if "shadow_ctx" in arrays:
             self.shadow_ctx = np.asarray(arrays["shadow_ctx"], dtype=np.float32)
+        bounds = {k[len("bounds:") :]: v for k, v in arrays.items() if k.startswith("bounds:")}
+        if bounds:
+            self.bounds = ActivationBounds.from_arrays(bounds)
         if self.history and "elapsed_s" in self.history[-1]:
             self.t_start -= float(self.history[-1]["elapsed_s"])
 

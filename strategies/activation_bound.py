@@ -31,6 +31,8 @@ from strategies.registry import StrategyContext, register_wrapper
 
 #: Record key of the bounds in the messages to the clients.
 BOUNDS_KEY = "bounds"
+#: Key prefix of the bounds in a checkpointed strategy state.
+BOUND_STATE = "bounds/"
 
 PARAMS: dict[str, object] = {
     "activation-bounds": False,
@@ -76,6 +78,20 @@ class ActivationBoundWrapper(StrategyWrapper):
         """Records sent to the clients beside ``ctx`` (read by the recorder for the evaluation)."""
         return {} if self.bounds is None else {BOUNDS_KEY: bounds_record(self.bounds)}
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The newest bounds (``bounds/<layer>``): a resumed run continues from them (see strategies.state)."""
+        return {} if self.bounds is None else {BOUND_STATE + n: v for n, v in self.bounds.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore the bounds of :meth:`state_dict`; the learner warm-starts from them in the next round."""
+        bounds = {
+            k[len(BOUND_STATE) :]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith(BOUND_STATE)
+        }
+        self.bounds = bounds or None
+        load = getattr(self.learn, "load", None)
+        if bounds and callable(load):
+            load(bounds)
+
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> Activation bounds learned on synthetic data")
@@ -115,34 +131,75 @@ class ActivationBoundWrapper(StrategyWrapper):
         return self._attach(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
 
-def bound_learner(cfg, synthetic_data: Callable) -> Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]]:
-    """``(ctx, round) -> (bounds, metrics)`` on the synthetic data (state kept across rounds: warm start)."""
-    state: dict = {}
+class BoundLearner:
+    """``(ctx, round) -> (bounds, metrics)`` on the synthetic data, warm-started across rounds.
 
-    def learn(ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
-        import torch
+    The first call initialises the bounds from activation statistics (or from
+    bounds handed to :meth:`load` by a resumed run); every call then runs
+    ``bounds-steps`` optimisation steps against the new global prompt.
 
-        from fedsec.activation_bounds import init_bounds, optimize_bounds, resolve_layers
-        from fedsec.node import set_ctx
+    Parameters
+    ----------
+    cfg : RunConfig
+        Reads the ``bounds-*`` keys.
+    synthetic_data : callable
+        ``() -> SyntheticSet`` (built lazily, on the first call).
+    """
+
+    def __init__(self, cfg, synthetic_data: Callable) -> None:
+        self.cfg = cfg
+        self.synthetic_data = synthetic_data
+        self.state: dict = {}
+        self.loaded: dict[str, np.ndarray] | None = None
+
+    def load(self, bounds: dict[str, np.ndarray]) -> None:
+        """Start from these bounds (a resumed run's checkpoint) instead of activation statistics."""
+        self.loaded = {k: np.asarray(v, dtype=np.float32).copy() for k, v in bounds.items()}
+        if "bounds" in self.state:
+            self._set(self.loaded)
+
+    def _set(self, arrays: dict[str, np.ndarray]) -> None:
+        from fedsec.activation_bounds import ActivationBounds
+
+        old = self.state["bounds"]
+        if sorted(arrays) != sorted(old.names):
+            raise ValueError(f"checkpointed bounds cover layers {sorted(arrays)}, the run bounds {sorted(old.names)}")
+        device = self.state["images"].device
+        self.state["bounds"] = ActivationBounds.from_arrays({n: arrays[n] for n in old.names}).to(device)
+
+    def _setup(self) -> None:
+        from fedsec.activation_bounds import init_bounds, resolve_layers
         from strategies.fusion import synthetic_prompt_model
 
-        if not state:
-            synthetic = synthetic_data()
-            clip, model = synthetic_prompt_model(cfg, synthetic)
-            patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
-            layers = resolve_layers(clip.model, patterns)
-            images = synthetic.images.to(clip.device)
-            bounds = init_bounds(
-                clip.model,
-                clip.encode_images,
-                images,
-                layers,
-                str(cfg.get("bounds-granularity")),
-                float(cfg.get("bounds-init-quantile")),
-            ).to(clip.device)
-            text = any(not n.startswith("visual.") for n in layers)
-            state.update(clip=clip, model=model, images=images, bounds=bounds, text=text)
-            log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+        cfg = self.cfg
+        synthetic = self.synthetic_data()
+        clip, model = synthetic_prompt_model(cfg, synthetic)
+        patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
+        layers = resolve_layers(clip.model, patterns)
+        images = synthetic.images.to(clip.device)
+        bounds = init_bounds(
+            clip.model,
+            clip.encode_images,
+            images,
+            layers,
+            str(cfg.get("bounds-granularity")),
+            float(cfg.get("bounds-init-quantile")),
+        ).to(clip.device)
+        text = any(not n.startswith("visual.") for n in layers)
+        self.state.update(clip=clip, model=model, images=images, bounds=bounds, text=text)
+        if self.loaded is not None:
+            self._set(self.loaded)
+        log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+
+    def __call__(self, ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+        import torch
+
+        from fedsec.activation_bounds import optimize_bounds
+        from fedsec.node import set_ctx
+
+        if not self.state:
+            self._setup()
+        cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
         set_ctx(model, ctx)
         if state["text"]:
@@ -172,8 +229,6 @@ def bound_learner(cfg, synthetic_data: Callable) -> Callable[[np.ndarray, int], 
         )
         return state["bounds"].to_arrays(), stats
 
-    return learn
-
 
 @register_wrapper("activation-bounds", params=PARAMS)
 def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
@@ -182,4 +237,4 @@ def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
         return inner
     if sctx.synthetic_data is None:
         raise ValueError("activation-bounds needs the server's synthetic data (StrategyContext.synthetic_data)")
-    return ActivationBoundWrapper(inner, bound_learner(sctx.cfg, sctx.synthetic_data))
+    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data))

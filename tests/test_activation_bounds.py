@@ -172,3 +172,41 @@ def _FedAvg():  # noqa: N802 - a factory named like the class it builds
     from flwr.serverapp.strategy import FedAvg
 
     return FedAvg(min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=0, fraction_evaluate=0.0)
+
+
+def test_resumed_bound_learner_continues_from_the_checkpointed_bounds(tmp_path):
+    # Prepare: the server's learner on a small synthetic set; one global prompt per round
+    from fedsec.config import RunConfig
+    from fedsec.node import get_ctx
+    from fedsec.synthetic import SyntheticSet
+    from strategies.activation_bound import BoundLearner
+    from strategies.state import collect_state, restore_state
+
+    cfg = RunConfig.from_mapping({"bounds-steps": 3, "bounds-batch-size": 16, "bounds-init-quantile": 0.9})
+    gen = torch.Generator().manual_seed(0)
+    synthetic = SyntheticSet(
+        torch.rand(40, 3, 32, 32, generator=gen), torch.arange(40) % 10, [f"c{i}" for i in range(10)]
+    )
+    ref = BoundLearner(cfg, lambda: synthetic)
+    ref._setup()
+    ctx0 = get_ctx(ref.state["model"])
+    ctxs = {
+        r: ctx0 + 0.05 * r * np.random.default_rng(r).normal(size=ctx0.shape).astype(np.float32) for r in range(1, 5)
+    }
+    expected = {r: ref(ctxs[r], r)[0] for r in range(1, 5)}
+    # Execute: 2 rounds, the strategy state through an npz file, a new learner resumes rounds 3-4
+    first = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic))
+    for r in (1, 2):
+        first.bounds, _ = first.learn(ctxs[r], r)
+    np.savez(tmp_path / "state.npz", **collect_state(first, include_rng=False))
+    resumed = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic))
+    with np.load(tmp_path / "state.npz") as saved:
+        restore_state(resumed, dict(saved))
+    broadcast = bounds_from_content(RecordDict(resumed.broadcast_records)).to_arrays()
+    got = {r: resumed.learn(ctxs[r], r)[0] for r in (3, 4)}
+    fresh = BoundLearner(cfg, lambda: synthetic)(ctxs[3], 3)[0]
+    # Assert: the resumed run sends round 2's bounds and then learns exactly what the uninterrupted one did
+    assert all(np.array_equal(broadcast[k], v) for k, v in expected[2].items())
+    for r in (3, 4):
+        assert all(np.array_equal(got[r][k], v) for k, v in expected[r].items())
+    assert any(not np.array_equal(fresh[k], v) for k, v in expected[3].items())  # the state is what makes it so
