@@ -11,8 +11,11 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strategies.registry import STRATEGIES, load_all
 from strategies.validation import REJECTED_KEY, Validated, check_evaluate_reply, check_reply
-from tests.strategy_helpers import ctx_arrays, ctx_of, npy_bytes, run_round, snapshot, train_content
+from tests.strategy_helpers import ctx_arrays, ctx_of, make_sctx, npy_bytes, run_round, snapshot, train_content
+
+load_all()
 
 SHAPE = (4, 8)
 MAX_BYTES = 4096
@@ -287,3 +290,42 @@ def test_aggregate_evaluate_drops_errors_and_replies_without_metrics():
     assert metrics is not None and metrics["eval-acc"] == pytest.approx(0.8)
     assert sorted(n for n, _ in strategy.last_rejected_evaluate) == [3, 4, 5]
     assert check_evaluate_reply(contents[1]) is None
+
+
+def _server_update(arrays: ArrayRecord) -> ArrayRecord:
+    return ctx_arrays(arrays["ctx"].numpy() + 0.1)
+
+
+@st.composite
+def mixed_rounds(draw: st.DrawFn) -> list[tuple[str, int]]:
+    """A round of 10 replies: ``n_bad`` malformed ones (any kinds) among valid ones, in any order."""
+    n_bad = draw(st.integers(1, 10))
+    bad = draw(st.lists(st.sampled_from(sorted(MALFORMED)), min_size=n_bad, max_size=n_bad))
+    kinds = draw(st.permutations(["valid"] * (10 - n_bad) + bad))
+    return [(kind, draw(st.integers(0, 2**31 - 1))) for kind in kinds]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES.names()))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=mixed_rounds())
+def test_fuzz_every_registered_strategy_behind_validation_rejects_malformed_replies(name, specs):
+    # Prepare: the registered rule as the ServerApp builds it (behind validation), 10 nodes
+    strategy = Validated(STRATEGIES.get(name)(make_sctx(name, 10, server_update=_server_update)), max_bytes=MAX_BYTES)
+    contents = {
+        node: train_content(_values(seed), 10) if kind == "valid" else _malformed(kind, seed)
+        for node, (kind, seed) in enumerate(specs, start=1)
+    }
+    bad_nodes = [node for node, (kind, _) in enumerate(specs, start=1) if kind != "valid"]
+    # Execute
+    arrays, metrics, replies = run_round(strategy, GLOBAL, contents)
+    before = snapshot(replies)
+    strategy.aggregate_train(1, replies)
+    # Assert: exactly the malformed replies are rejected and counted; whatever is aggregated is finite
+    # (a rule may also keep the global model, e.g. FLTrust when it trusts no update: arrays is None)
+    assert sorted(n for n, _ in strategy.last_rejected) == bad_nodes
+    assert metrics is not None and metrics[REJECTED_KEY] == len(bad_nodes)
+    if arrays is not None:
+        assert ctx_of(arrays).shape == SHAPE and np.all(np.isfinite(ctx_of(arrays)))
+    if len(bad_nodes) == len(specs):
+        assert arrays is None
+    assert snapshot(replies) == before
