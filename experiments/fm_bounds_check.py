@@ -1,7 +1,19 @@
 """In-process check of activation bounds against the final poisoned prompt of an fm-poison run.
 
-Usage: ``python experiments/fm_bounds_check.py [granularity:quantile:steps:penalty ...]``, e.g.
-``channel:0.95:20:0.5 neuron:0.7:20:0.5``. Reads ``runs/fm-poison/final_prompt.npz`` (from
+Usage::
+
+    python experiments/fm_bounds_check.py [layers:granularity:quantile:data:steps[:penalty] ...]
+
+e.g. ``visual.transformer.resblocks.*:neuron:0.95:clean:0``. ``layers`` are comma-separated module
+patterns (see ``bounds-layers``); ``granularity`` is ``neuron`` or ``channel``; the bounds are
+initialised at the ``quantile`` of the activations on ``data``, one of ``all`` (the poisoned synthetic
+set, what the defense sees), ``clean`` (its unpoisoned part: an oracle the defender does not have) or
+``filtered`` (the synthetic images whose label the run's benign-only, unfused prompt predicts: a filter
+the server could run with the pre-fusion aggregate); then ``steps`` optimisation steps at ``penalty``
+(default 0.5). Also prints the filter's precision and a check on the classifier head (per class and
+embedding dimension upper bounds on the image-text similarity contributions).
+
+Reads ``runs/fm-poison/final_prompt.npz`` and its last checkpoint (from
 ``fedsec run experiments/conf/fm_poison.toml -c "run-dir='$PWD/runs/fm-poison'"``); 1,000 test images.
 """
 
@@ -10,6 +22,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import tomllib
@@ -21,24 +34,43 @@ from fedsec.config import RunConfig
 from fedsec.data import load_dataset, prepare_images
 from fedsec.metrics import accuracy, attack_success_rate, predict
 from fedsec.node import clip_for, prompt_model_for, set_ctx
-from fedsec.synthetic import synthetic_provider
+from fedsec.synthetic import build_synthetic_set
+
+RUN = Path("runs/fm-poison")
 
 
 def main(specs: list[str]) -> None:
     """Print clean accuracy and ASR without bounds, then for each bound spec after init and optimisation."""
     torch.set_num_threads(1)
-    cfg = RunConfig.from_mapping(tomllib.loads(open("experiments/conf/fm_poison.toml").read()))
+    cfg = RunConfig.from_mapping(tomllib.loads(Path("experiments/conf/fm_poison.toml").read_text()))
     clip = clip_for(cfg)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
     keep = np.sort(np.random.default_rng(1).choice(len(test), 1000, replace=False))
     images = prepare_images(test.images[keep], clip.image_size, test.fit)
     labels = torch.from_numpy(test.labels[keep])
     nontarget = np.flatnonzero(test.labels[keep] != cfg.target_label)
-    store = tempfile.mkdtemp()
-    synthetic = synthetic_provider(cfg, test.classnames, clip.image_size, store)()
-    triggered = FMPoison(cfg, store).load_trigger()(images[nontarget])
+    attack = FMPoison(cfg, tempfile.mkdtemp())
+    clean = build_synthetic_set(cfg, test.classnames, clip.image_size)
+    synth, synth_labels, poisoned_idx = attack.poison_synthetic(clean.images, clean.labels, int(cfg.seed))
+    poisoned = np.zeros(len(synth_labels), dtype=bool)
+    poisoned[poisoned_idx] = True
+    triggered = attack.load_trigger()(images[nontarget])
     model = prompt_model_for(cfg, tuple(test.classnames))
-    set_ctx(model, np.load("runs/fm-poison/final_prompt.npz")["ctx"])
+
+    last = sorted((RUN / "checkpoints").glob("round_*.npz"))[-1]
+    with np.load(last) as ck:
+        set_ctx(model, ck["shadow_ctx"])  # the benign-only prompt: no fusion, no backdoor
+    with torch.no_grad():
+        agree = (predict(model, clip.encode_images_batched(synth)) == synth_labels).numpy()
+    kept_bad, kept_good = (agree & poisoned).sum(), (agree & ~poisoned).sum()
+    print(
+        f"filter keeps {agree.sum()} of {len(agree)} synthetic images: "
+        f"{kept_bad} of {poisoned.sum()} poisoned, {kept_good} of {(~poisoned).sum()} clean",
+        flush=True,
+    )
+    subsets = {"all": np.ones_like(poisoned), "clean": ~poisoned, "filtered": agree}
+
+    set_ctx(model, np.load(RUN / "final_prompt.npz")["ctx"])
     with torch.no_grad():
         text = model.text_features()
 
@@ -49,23 +81,48 @@ def main(specs: list[str]) -> None:
         return f"acc {acc:.3f} asr {attack_success_rate(pred, labels[nontarget], cfg.target_label):.3f}"
 
     print("no bounds", evaluate(None), flush=True)
-    layers = resolve_layers(clip.model, ["visual.transformer.resblocks.*"])
+    _head_check(clip, text, synth, subsets, images, labels.numpy(), triggered, cfg.target_label)
     for spec in specs:
-        gran, quantile, steps, penalty = spec.split(":")
+        layer_spec, gran, quantile, data, steps, *rest = spec.split(":")
+        penalty = float(rest[0]) if rest else 0.5
+        layers = resolve_layers(clip.model, layer_spec.split(","))
+        x = synth[torch.from_numpy(subsets[data])]
         t0 = time.time()
-        bounds = init_bounds(clip.model, clip.encode_images, synthetic.images, layers, gran, float(quantile))
-        after_init = evaluate(bounds)
-        stats = optimize_bounds(
-            clip.model,
-            lambda x: clip.logit_scale * clip.encode_images(x) @ text.T,
-            synthetic.images,
-            bounds,
-            steps=int(steps),
-            lr=0.05,
-            penalty=float(penalty),
-        )
-        print(spec, "init", after_init, "opt", evaluate(bounds), f"shrink {stats['bound-shrink']:.2f}", flush=True)
-        print(f"  {time.time() - t0:.0f}s", flush=True)
+        bounds = init_bounds(clip.model, clip.encode_images, x, layers, gran, float(quantile))
+        result = "init " + evaluate(bounds)
+        if int(steps):
+            optimize_bounds(
+                clip.model,
+                lambda z: clip.logit_scale * clip.encode_images(z) @ text.T,
+                x,
+                bounds,
+                steps=int(steps),
+                lr=0.05,
+                penalty=penalty,
+            )
+            result += " | optimised " + evaluate(bounds)
+        print(spec, result, f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def _head_check(clip, text, synth, subsets, images, labels, triggered, target) -> None:
+    """Upper bounds on the per-(class, dimension) contributions ``img_d * text_cd`` of the similarity."""
+    with torch.no_grad():
+
+        def feats(x: torch.Tensor) -> np.ndarray:
+            return torch.nn.functional.normalize(clip.encode_images_batched(x), dim=-1).numpy()
+
+        fs, ft, fg = feats(synth), feats(images), feats(triggered)
+    t = text.numpy()
+
+    def scores(f: np.ndarray, tau: np.ndarray) -> np.ndarray:
+        return np.minimum(f[:, None, :] * t[None], tau[None]).sum(-1)
+
+    for data in ("clean", "all"):
+        for q in (1.0, 0.95):
+            tau = np.quantile(fs[subsets[data]][:, None, :] * t[None], q, axis=0)
+            acc = (scores(ft, tau).argmax(1) == labels).mean()
+            asr = (scores(fg, tau).argmax(1) == target).mean()
+            print(f"head contributions, {data}, quantile {q}: acc {acc:.3f} asr {asr:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ _CHOICES: dict[str, Callable[[], list[str]]] = {
     "fm-trigger": _registry_names("fedsec.attacks.fm_poison", "FM_TRIGGERS"),
     "bounds-granularity": _choice("channel", "neuron"),
     "bounds-loss": _choice("kl", "ce"),
+    "bounds-data": _choice("all", "filtered"),
 }
 
 # (min, max) inclusive bounds for numeric fields; None = unbounded.

@@ -44,6 +44,7 @@ PARAMS: dict[str, object] = {
     "bounds-penalty": 0.5,
     "bounds-loss": "kl",
     "bounds-batch-size": 64,
+    "bounds-data": "all",
 }
 
 
@@ -117,6 +118,9 @@ class ActivationBoundWrapper(StrategyWrapper):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or "ctx" not in arrays:
             return arrays, metrics
+        if hasattr(self.learn, "reference"):  # the clients' aggregate before server fusion, when there is fusion
+            pre = getattr(self.inner, "pre_fusion_ctx", None)
+            self.learn.reference = pre if pre is not None else arrays["ctx"].numpy()
         self.bounds, stats = self.learn(arrays["ctx"].numpy(), server_round)
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():
@@ -138,6 +142,14 @@ class BoundLearner:
     bounds handed to :meth:`load` by a resumed run); every call then runs
     ``bounds-steps`` optimisation steps against the new global prompt.
 
+    With ``bounds-data = "filtered"`` the bounds are learned only on the
+    synthetic images whose label the ``reference`` prompt predicts (the
+    wrapper sets it to the clients' aggregate before server fusion): a
+    poisoned FM's triggered images carry the target label, which a model that
+    never saw them does not predict, so the filter drops them. The subset
+    changes every round, so the bounds are then re-initialised from its
+    statistics every round (no warm start) before the optimisation steps.
+
     Parameters
     ----------
     cfg : RunConfig
@@ -151,6 +163,7 @@ class BoundLearner:
         self.synthetic_data = synthetic_data
         self.state: dict = {}
         self.loaded: dict[str, np.ndarray] | None = None
+        self.reference: np.ndarray | None = None
 
     def load(self, bounds: dict[str, np.ndarray]) -> None:
         """Start from these bounds (a resumed run's checkpoint) instead of activation statistics."""
@@ -168,7 +181,7 @@ class BoundLearner:
         self.state["bounds"] = ActivationBounds.from_arrays({n: arrays[n] for n in old.names}).to(device)
 
     def _setup(self) -> None:
-        from fedsec.activation_bounds import init_bounds, resolve_layers
+        from fedsec.activation_bounds import resolve_layers
         from strategies.fusion import synthetic_prompt_model
 
         cfg = self.cfg
@@ -177,19 +190,43 @@ class BoundLearner:
         patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
         layers = resolve_layers(clip.model, patterns)
         images = synthetic.images.to(clip.device)
-        bounds = init_bounds(
-            clip.model,
-            clip.encode_images,
-            images,
-            layers,
-            str(cfg.get("bounds-granularity")),
-            float(cfg.get("bounds-init-quantile")),
-        ).to(clip.device)
         text = any(not n.startswith("visual.") for n in layers)
-        self.state.update(clip=clip, model=model, images=images, bounds=bounds, text=text)
+        self.state.update(clip=clip, model=model, images=images, labels=synthetic.labels, layers=layers, text=text)
+        self.state["bounds"] = self._init(images)
         if self.loaded is not None:
             self._set(self.loaded)
         log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+
+    def _init(self, images) -> object:
+        from fedsec.activation_bounds import init_bounds
+
+        clip = self.state["clip"]
+        return init_bounds(
+            clip.model,
+            clip.encode_images,
+            images,
+            self.state["layers"],
+            str(self.cfg.get("bounds-granularity")),
+            float(self.cfg.get("bounds-init-quantile")),
+        ).to(clip.device)
+
+    def _filtered(self) -> tuple[object, dict]:
+        """The synthetic images whose label the reference prompt predicts (all of them without a reference)."""
+        import torch
+
+        from fedsec.metrics import predict
+        from fedsec.node import set_ctx
+
+        state = self.state
+        if self.reference is None:
+            return state["images"], {}
+        set_ctx(state["model"], self.reference)
+        with torch.no_grad():
+            pred = predict(state["model"], state["clip"].encode_images_batched(state["images"]))
+        keep = (pred == state["labels"]).to(state["images"].device)
+        if int(keep.sum()) == 0:
+            return state["images"], {"bound-kept": 1.0}
+        return state["images"][keep], {"bound-kept": float(keep.float().mean())}
 
     def __call__(self, ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
         import torch
@@ -201,6 +238,10 @@ class BoundLearner:
             self._setup()
         cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
+        images, extra = state["images"], {}
+        if str(cfg.get("bounds-data")) == "filtered":
+            images, extra = self._filtered()
+            state["bounds"] = self._init(images)
         set_ctx(model, ctx)
         if state["text"]:
 
@@ -218,7 +259,7 @@ class BoundLearner:
         stats = optimize_bounds(
             clip.model,
             logits_fn,
-            state["images"],
+            images,
             state["bounds"],
             steps=int(cfg.get("bounds-steps")),
             lr=float(cfg.get("bounds-lr")),
@@ -227,7 +268,7 @@ class BoundLearner:
             batch_size=int(cfg.get("bounds-batch-size")),
             seed=cfg.seed * 104_729 + server_round,
         )
-        return state["bounds"].to_arrays(), stats
+        return state["bounds"].to_arrays(), {**stats, **extra}
 
 
 @register_wrapper("activation-bounds", params=PARAMS)

@@ -58,12 +58,20 @@ class ServerFusion(StrategyWrapper):
         ``(ctx, server_round) -> (new ctx, metrics)``.
     mode : str
         Name of the fusion (logs).
+
+    Attributes
+    ----------
+    pre_fusion_ctx : np.ndarray or None
+        The newest aggregate before fusion (the clients' model without the
+        synthetic data's influence; the activation-bound defense can filter
+        the synthetic set with it, ``bounds-data = "filtered"``).
     """
 
     def __init__(self, inner: Strategy, fuse: Callable[[np.ndarray, int], tuple[np.ndarray, dict]], mode: str) -> None:
         self.inner = inner
         self.fuse = fuse
         self.mode = mode
+        self.pre_fusion_ctx: np.ndarray | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -77,7 +85,8 @@ class ServerFusion(StrategyWrapper):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or "ctx" not in arrays:
             return arrays, metrics
-        ctx, stats = self.fuse(arrays["ctx"].numpy(), server_round)
+        self.pre_fusion_ctx = arrays["ctx"].numpy().copy()
+        ctx, stats = self.fuse(self.pre_fusion_ctx, server_round)
         out = ArrayRecord({k: (Array(ctx) if k == "ctx" else v) for k, v in arrays.items()})
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():

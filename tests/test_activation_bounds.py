@@ -210,3 +210,34 @@ def test_resumed_bound_learner_continues_from_the_checkpointed_bounds(tmp_path):
     for r in (3, 4):
         assert all(np.array_equal(got[r][k], v) for k, v in expected[r].items())
     assert any(not np.array_equal(fresh[k], v) for k, v in expected[3].items())  # the state is what makes it so
+
+
+def test_filtered_bounds_are_learned_only_on_images_the_reference_prompt_agrees_with():
+    # Prepare: synthetic labels that agree with the reference prompt's prediction on the first 20 images only
+    from fedsec.activation_bounds import init_bounds
+    from fedsec.config import RunConfig
+    from fedsec.metrics import predict
+    from fedsec.node import get_ctx
+    from fedsec.synthetic import SyntheticSet
+    from strategies.activation_bound import BoundLearner
+
+    cfg = RunConfig.from_mapping({"bounds-steps": 0, "bounds-data": "filtered", "bounds-init-quantile": 1.0})
+    images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    names = [f"c{i}" for i in range(10)]
+    probe = BoundLearner(cfg, lambda: SyntheticSet(images, torch.zeros(40, dtype=torch.long), names))
+    probe._setup()
+    reference = get_ctx(probe.state["model"])
+    with torch.no_grad():
+        pred = predict(probe.state["model"], probe.state["clip"].encode_images_batched(images))
+    labels = pred.clone()
+    labels[20:] = (pred[20:] + 1) % 10  # "poisoned": a label the reference never predicts
+    learner = BoundLearner(cfg, lambda: SyntheticSet(images, labels, names))
+    learner.reference = reference
+    # Execute
+    bounds, stats = learner(reference, 1)
+    expected = init_bounds(
+        learner.state["clip"].model, learner.state["clip"].encode_images, images[:20], learner.state["layers"], "neuron"
+    ).to_arrays()
+    # Assert: the bounds are the statistics of the agreeing half; the kept fraction is reported
+    assert stats["bound-kept"] == pytest.approx(0.5)
+    assert all(np.allclose(bounds[k], v) for k, v in expected.items())
