@@ -33,6 +33,8 @@ from strategies.registry import StrategyContext, register_wrapper
 BOUNDS_KEY = "bounds"
 #: Key prefix of the bounds in a checkpointed strategy state.
 BOUND_STATE = "bounds/"
+#: Key of the unfused reference prompt in a checkpointed strategy state.
+SHADOW_STATE = "bounds-shadow"
 
 PARAMS: dict[str, object] = {
     "activation-bounds": False,
@@ -73,6 +75,8 @@ class ActivationBoundWrapper(StrategyWrapper):
         self.inner = inner
         self.learn = learn
         self.bounds: dict[str, np.ndarray] | None = None
+        self.shadow: np.ndarray | None = None  # the unfused reference prompt (see aggregate_train)
+        self._sent: np.ndarray | None = None  # the global ctx sent to the clients this round
 
     @property
     def broadcast_records(self) -> dict[str, ArrayRecord]:
@@ -81,7 +85,10 @@ class ActivationBoundWrapper(StrategyWrapper):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The newest bounds (``bounds/<layer>``): a resumed run continues from them (see strategies.state)."""
-        return {} if self.bounds is None else {BOUND_STATE + n: v for n, v in self.bounds.items()}
+        out = {} if self.bounds is None else {BOUND_STATE + n: v for n, v in self.bounds.items()}
+        if self.shadow is not None:
+            out[SHADOW_STATE] = self.shadow
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore the bounds of :meth:`state_dict`; the learner warm-starts from them in the next round."""
@@ -89,9 +96,29 @@ class ActivationBoundWrapper(StrategyWrapper):
             k[len(BOUND_STATE) :]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith(BOUND_STATE)
         }
         self.bounds = bounds or None
+        if SHADOW_STATE in state:
+            self.shadow = np.asarray(state[SHADOW_STATE], dtype=np.float32).copy()
         load = getattr(self.learn, "load", None)
         if bounds and callable(load):
             load(bounds)
+
+    def _advance_shadow(self, aggregate: np.ndarray) -> np.ndarray:
+        """Move the unfused reference prompt by this round's client update; return it.
+
+        The clients' update is the aggregate before server fusion (``pre_fusion_ctx`` of a
+        :class:`~strategies.fusion.ServerFusion` inside, else the aggregate) minus the global
+        ``ctx`` they received. Added to a prompt that never went through fusion, it gives
+        the model the clients alone would have: a poisoned FM's backdoor enters through
+        fusion and reaches the clients' own prompts, but not their updates on clean data.
+        """
+        pre = getattr(self.inner, "pre_fusion_ctx", None)
+        pre = aggregate if pre is None else pre
+        if self._sent is None or self._sent.shape != pre.shape:
+            return pre
+        if self.shadow is None:
+            self.shadow = self._sent.copy()
+        self.shadow = (self.shadow + (pre - self._sent)).astype(np.float32)
+        return self.shadow
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -109,6 +136,7 @@ class ActivationBoundWrapper(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, then add the bounds record to every message."""
+        self._sent = arrays["ctx"].numpy().copy() if "ctx" in arrays else None
         return self._attach(self.inner.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
@@ -118,9 +146,8 @@ class ActivationBoundWrapper(StrategyWrapper):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or "ctx" not in arrays:
             return arrays, metrics
-        if hasattr(self.learn, "reference"):  # the clients' aggregate before server fusion, when there is fusion
-            pre = getattr(self.inner, "pre_fusion_ctx", None)
-            self.learn.reference = pre if pre is not None else arrays["ctx"].numpy()
+        if hasattr(self.learn, "reference"):
+            self.learn.reference = self._advance_shadow(arrays["ctx"].numpy())
         self.bounds, stats = self.learn(arrays["ctx"].numpy(), server_round)
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():
@@ -144,9 +171,10 @@ class BoundLearner:
 
     With ``bounds-data = "filtered"`` the bounds are learned only on the
     synthetic images whose label the ``reference`` prompt predicts (the
-    wrapper sets it to the clients' aggregate before server fusion): a
-    poisoned FM's triggered images carry the target label, which a model that
-    never saw them does not predict, so the filter drops them. The subset
+    wrapper sets it to an unfused shadow of the global prompt: the clients'
+    updates without server fusion, see ``ActivationBoundWrapper._advance_shadow``):
+    a poisoned FM's triggered images carry the target label, which a model
+    that never saw them does not predict, so the filter drops them. The subset
     changes every round, so the bounds are then re-initialised from its
     statistics every round (no warm start) before the optimisation steps.
 

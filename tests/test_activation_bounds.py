@@ -241,3 +241,24 @@ def test_filtered_bounds_are_learned_only_on_images_the_reference_prompt_agrees_
     # Assert: the bounds are the statistics of the agreeing half; the kept fraction is reported
     assert stats["bound-kept"] == pytest.approx(0.5)
     assert all(np.allclose(bounds[k], v) for k, v in expected.items())
+
+
+def test_unfused_shadow_adds_the_clients_updates_without_the_fusion_step():
+    # Prepare: a wrapper whose inner exposes the pre-fusion aggregate, as ServerFusion does
+    class _Fused:
+        pre_fusion_ctx = None
+
+    inner = _Fused()
+    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: ({}, {}))  # type: ignore[arg-type]
+    g0, p1, fused1, p2 = (np.full((1, 2), v, np.float32) for v in (0.0, 1.0, 5.0, 7.0))
+    # Execute: round 1 sends g0, clients move it to p1, fusion makes fused1; round 2 sends fused1, clients reach p2
+    wrapper._sent, inner.pre_fusion_ctx = g0, p1
+    first = wrapper._advance_shadow(fused1).copy()
+    wrapper._sent, inner.pre_fusion_ctx = fused1, p2
+    second = wrapper._advance_shadow(np.zeros((1, 2), np.float32)).copy()
+    restored = ActivationBoundWrapper(_Fused(), lambda ctx, rnd: ({}, {}))  # type: ignore[arg-type]
+    restored.load_state_dict(wrapper.state_dict())
+    # Assert: shadow = g0 + (p1 - g0) = 1, then + (p2 - fused1) = 1 + 2 = 3; it survives a checkpoint
+    np.testing.assert_allclose(first, [[1.0, 1.0]])
+    np.testing.assert_allclose(second, [[3.0, 3.0]])
+    np.testing.assert_allclose(restored.shadow, second)
