@@ -8,7 +8,8 @@ hand, with the pitfalls handled:
 * a local simulation SuperLink started by us (the one ``flwr run`` would
   start itself keeps running afterwards), stopped by its PID at the end;
 * an absolute run directory (the SuperLink's working directory is not ours);
-* a progress bar over rounds, the Flower log kept in ``<run-dir>/flwr.log``,
+* a progress bar over rounds, the Flower log kept in ``<run-dir>/flwr.log`` (each line prefixed
+  with the seconds since launch),
   and a results table at the end.
 """
 
@@ -290,7 +291,7 @@ def run(
         seen: set[str] = set()
         assert proc.stdout is not None
         for line in proc.stdout:
-            log.write(line)
+            log.write(f"[{time.time() - t0:7.1f}s] {line}")  # seconds since launch: start-up cost is visible
             log.flush()
             m = ROUND_RE.search(line)
             if m and m.group(0) not in seen:  # open_clip's root handler may duplicate lines
