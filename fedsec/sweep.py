@@ -200,6 +200,9 @@ def _pm(row: dict, key: str):
 
 
 def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) -> None:
+    """ACC and ASR per round per method (one row of panels per value of the first key when it varies
+    and there are more keys, e.g. one row per attack of an attack x defense matrix), plus ASR vs the
+    number of malicious clients when the grid varies it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,21 +210,30 @@ def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) ->
 
     with_mal = "num-malicious" in group_keys
     ncols = 3 if with_mal else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2))
-    for key, members in groups.items():
-        label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, key, strict=False)) or "run"
-        rows = members[0]["rows"]
-        rounds = [r["round"] for r in rows]
-        axes[0].plot(rounds, [100 * r["clean_acc"] for r in rows], marker=".", label=label)
-        if any(r.get("asr") is not None for r in rows):
-            axes[1].plot(
-                rounds,
-                [100 * r["asr"] if r.get("asr") is not None else float("nan") for r in rows],
-                marker=".",
-                label=label,
-            )
-    axes[0].set(title="clean accuracy per round", xlabel="round", ylabel="%")
-    axes[1].set(title="ASR per round", xlabel="round", ylabel="%")
+    split = len(group_keys) >= 2 and len({k[0] for k in groups}) > 1 and group_keys[0] != "num-malicious"
+    row_values = sorted({k[0] for k in groups}, key=str) if split else [None]
+    fig, axes = plt.subplots(len(row_values), ncols, figsize=(6 * ncols, 4.2 * len(row_values)), squeeze=False)
+    for i, row_value in enumerate(row_values):
+        ax_acc, ax_asr = axes[i][0], axes[i][1]
+        for key, members in groups.items():
+            if split and key[0] != row_value:
+                continue
+            keys, values = (group_keys[1:], key[1:]) if split else (group_keys, key)
+            label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=False)) or "run"
+            rows = members[0]["rows"]
+            rounds = [r["round"] for r in rows]
+            ax_acc.plot(rounds, [100 * r["clean_acc"] for r in rows], marker=".", label=label)
+            if any(r.get("asr") is not None for r in rows):
+                asr = [100 * r["asr"] if r.get("asr") is not None else float("nan") for r in rows]
+                ax_asr.plot(rounds, asr, marker=".", label=label)
+        prefix = f"{group_keys[0]}={row_value}: " if split else ""
+        ax_acc.set(title=f"{prefix}clean accuracy per round", xlabel="round", ylabel="%")
+        ax_asr.set(title=f"{prefix}ASR per round", xlabel="round", ylabel="%")
+        ax_acc.legend(fontsize=6, ncol=2)
+        if ax_asr.lines:
+            ax_asr.legend(fontsize=6, ncol=2)
+        else:
+            ax_asr.text(0.5, 0.5, "no ASR (no attack)", ha="center", va="center", transform=ax_asr.transAxes)
     if with_mal:
         series: dict[tuple, list[tuple[int, float]]] = {}
         idx = group_keys.index("num-malicious")
@@ -230,16 +242,18 @@ def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) ->
             mean, _ = _mean_std([m["summary"].get("asr") for m in members])
             if mean is not None:
                 series.setdefault(rest, []).append((int(key[idx]), 100 * mean))
+        ax = axes[0][2]
         for rest, pts in series.items():
             pts.sort()
             others = [k for k in group_keys if k != "num-malicious"]
             lab = ", ".join(f"{k}={v}" for k, v in zip(others, rest, strict=False))
-            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab or "ASR")
-        axes[2].set(title="ASR vs malicious clients", xlabel="malicious clients (of 10)", ylabel="%")
-        axes[2].legend(fontsize=7)
-    axes[0].legend(fontsize=6, ncol=2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab or "ASR")
+        ax.set(title="ASR vs malicious clients", xlabel="malicious clients (of 10)", ylabel="%")
+        ax.legend(fontsize=7)
+        for extra in axes[1:]:
+            extra[2].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

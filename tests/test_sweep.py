@@ -15,9 +15,9 @@ from fedsec.sweep import expand, load_grid, report
 from tests.conftest import ROOT, needs_fmnist
 
 
-def _fake_run(path, seed, acc, asr, attack="badnets"):
+def _fake_run(path, seed, acc, asr, attack="badnets", strategy="fedavg"):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"seed": seed, "attack": attack, "strategy": "fedavg"}))
+    (path / "config.json").write_text(json.dumps({"seed": seed, "attack": attack, "strategy": strategy}))
     (path / "summary.json").write_text(json.dumps({"clean_acc": acc, "asr": asr, "wall_s": 1.0}))
     rows = [{"round": 0, "clean_acc": 0.4, "asr": 0.1}, {"round": 1, "clean_acc": acc, "asr": asr}]
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -50,6 +50,22 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     md = (tmp_path / "out" / "r.md").read_text()
     assert "75.0% ± 5.0" in md
     assert (tmp_path / "out" / "r.csv").exists() and (tmp_path / "out" / "r.png").stat().st_size > 1000
+
+
+def test_matrix_plot_has_one_row_of_panels_per_attack(tmp_path):
+    # Prepare: a 2 x 2 attack x strategy matrix
+    import matplotlib.image
+
+    for attack in ("none", "badnets"):
+        for strategy in ("fedavg", "krum"):
+            _fake_run(tmp_path / f"{attack}-{strategy}", 0, 0.7, 0.3 if attack != "none" else None, attack, strategy)
+    runs = [tmp_path / d for d in ("none-fedavg", "none-krum", "badnets-fedavg", "badnets-krum")]
+    # Execute
+    report(runs, tmp_path / "m", ["attack", "strategy"])
+    report(runs[:2], tmp_path / "one", ["strategy"])
+    # Assert: two rows of panels (twice the height) for two attacks, one row for one key
+    two, one = matplotlib.image.imread(tmp_path / "m.png"), matplotlib.image.imread(tmp_path / "one.png")
+    assert two.shape[0] == pytest.approx(2 * one.shape[0], rel=0.02) and two.shape[1] == one.shape[1]
 
 
 @pytest.mark.e2e
