@@ -215,6 +215,8 @@ def _plot(groups: dict[tuple, list[dict]], group_keys: list[str], path: Path) ->
     fig, axes = plt.subplots(len(row_values), ncols, figsize=(6 * ncols, 4.2 * len(row_values)), squeeze=False)
     for i, row_value in enumerate(row_values):
         ax_acc, ax_asr = axes[i][0], axes[i][1]
+        for ax in (ax_acc, ax_asr):
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 11+ methods stay distinguishable
         for key, members in groups.items():
             if split and key[0] != row_value:
                 continue
