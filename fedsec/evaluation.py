@@ -26,7 +26,7 @@ from fedsec.metrics import (
     update_stealth,
     zero_shot_accuracy,
 )
-from fedsec.node import clip_for, get_ctx, prompt_model_for, set_ctx
+from fedsec.node import clip_for, get_ctx, prompt_model_for, set_ctx, test_features
 from fedsec.rundir import RunDir
 
 
@@ -51,14 +51,15 @@ class Evaluation:
         self.t_last = self.t_start
         self.clip = clip_for(cfg)
         self.test = load_dataset(cfg.dataset, "test", cfg.data_root)
+        keep = None
         if cfg.eval_samples and cfg.eval_samples < len(self.test):
-            keep = np.random.default_rng(cfg.seed).choice(len(self.test), size=cfg.eval_samples, replace=False)
-            self.test = self.test.subset(np.sort(keep))
+            keep = np.sort(np.random.default_rng(cfg.seed).choice(len(self.test), size=cfg.eval_samples, replace=False))
+            self.test = self.test.subset(keep)
         self.classnames = list(self.test.classnames)
         self.model = prompt_model_for(cfg, tuple(self.classnames))
         self.images = prepare_images(self.test.images, self.clip.image_size, self.test.fit)
         self.labels = torch.from_numpy(self.test.labels)
-        self.features = self.clip.encode_images_batched(self.images)
+        self.features = test_features(self.clip, cfg.dataset, cfg.data_root, keep, self.images)  # disk-cached
         self.zero_shot_acc = zero_shot_accuracy(
             self.clip, self.classnames, self.features, self.labels, cfg.prompt_template
         )

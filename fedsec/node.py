@@ -12,6 +12,7 @@ process after the first skips the dataset, the partitioner and the encoding.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,6 +124,40 @@ def _local_data(dataset, root, partitioner, alpha, cpc, k_shot, seed, pid, n, mo
     payload = diskcache.cached("local-data", key, build, _valid_local_data)
     images = prepare_images(payload["images"], clip.image_size, payload["fit"])
     return LocalData(images, payload["labels"], payload["features"]), list(payload["classnames"])
+
+
+def test_features(clip: FrozenCLIP, dataset: str, root: str, indices: np.ndarray | None, images: torch.Tensor):
+    """Frozen image features of (a subset of) the ``test`` split, kept in the disk cache.
+
+    The server's evaluation encodes the same test images in every run of a sweep; with
+    the cache only the first run pays for it. ``indices`` is the evaluated subset
+    (``None``: the whole split); ``images`` are those images, prepared for the model.
+    """
+
+    def build() -> dict:
+        return {"features": clip.encode_images_batched(images)}
+
+    key = None
+    if model_cache_identity(clip) is not None:
+        sub = "all" if indices is None else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()
+        key = {
+            "kind": "test-features",
+            "dataset": dataset,
+            "split": "test",
+            "source": source_fingerprint(dataset, root),
+            "subset": sub,
+            "n": len(images),
+            "model": model_cache_identity(clip),
+            "device": str(clip.device),
+            "code": _code_digest(),
+            "versions": _versions(),
+        }
+
+    def valid(p: dict) -> bool:
+        f = p.get("features")
+        return isinstance(f, torch.Tensor) and f.ndim == 2 and len(f) == len(images)
+
+    return diskcache.cached("test-features", key, build, valid)["features"]
 
 
 def _valid_local_data(p: dict) -> bool:

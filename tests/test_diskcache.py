@@ -279,3 +279,19 @@ def test_random_weights_are_never_cached(fake_fmnist):
     # Assert
     assert len(data) > 0
     assert not (cache_dir / "local-data").exists()
+
+
+def test_evaluation_test_features_come_from_disk_in_the_next_run(fake_fmnist, monkeypatch):
+    # Prepare: the embedded model, the fake test split's 10 images, a subset of 6 of them
+    root, cache_dir = fake_fmnist
+    clip = node.clip_for(_cfg(root))
+    images = torch.rand(10, 3, clip.image_size, clip.image_size)
+    subset = np.array([0, 2, 3, 5, 7, 9])
+    # Execute: a miss encodes and stores; then a hit (encoding would fail) and a different subset (a miss)
+    first = node.test_features(clip, "fashion-mnist", str(root), None, images)
+    other = node.test_features(clip, "fashion-mnist", str(root), subset, images[subset])
+    monkeypatch.setattr(clip, "encode_images_batched", lambda x: pytest.fail("a hit must not encode"))
+    again = node.test_features(clip, "fashion-mnist", str(root), None, images)
+    # Assert
+    assert torch.equal(first, again) and first.shape[0] == 10 and other.shape[0] == 6
+    assert len(list((cache_dir / "test-features").glob("*.pt"))) == 2
