@@ -20,9 +20,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,6 +223,51 @@ class LocalSuperLink:
         self.stop()
 
 
+def stage_app(app_dir: Path, dest_root: Path) -> Path:
+    """Copy the files ``flwr run`` would package into a fresh folder under ``dest_root``; return it.
+
+    ``flwr run <dir>`` walks *every* file below ``<dir>`` before it filters them
+    (``flwr.cli.utils.collect_files``), and a checkout with its ``.venv``, run
+    directories and installed FABs holds tens of thousands: about 10 s a run. Here
+    the walk skips what the app's ``.gitignore`` ignores, ``.git``, the Flower home
+    and any virtual environment (a folder with ``pyvenv.cfg``), and copies only
+    files Flower would put into the FAB (its own include patterns) plus the
+    ``.gitignore``; Flower then applies its usual rules to this small folder, so
+    the FAB (and its hash) is the same as from ``app_dir``.
+    """
+    from flwr.cli.utils import build_pathspec  # Flower's own pattern semantics
+    from flwr.common.constant import FAB_INCLUDE_PATTERNS, FLWR_DIR
+
+    gitignore = app_dir / ".gitignore"
+    ignore_lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    ignored = build_pathspec(ignore_lines)
+    include = build_pathspec(FAB_INCLUDE_PATTERNS)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="app-", dir=dest_root))
+    for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(app_dir)
+        keep_dirs = []
+        for d in dirnames:
+            rel = (rel_dir / d).as_posix()
+            full = Path(dirpath) / d
+            if d in (".git", FLWR_DIR) or full.is_symlink() or (full / "pyvenv.cfg").exists():
+                continue
+            if ignored.match_file(rel + "/"):
+                continue
+            keep_dirs.append(d)
+        dirnames[:] = keep_dirs
+        for name in filenames:
+            src = Path(dirpath) / name
+            rel = (rel_dir / name).as_posix()
+            if src.is_symlink() or ignored.match_file(rel):
+                continue
+            if rel == ".gitignore" or include.match_file(rel):
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+    return dest
+
+
 def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -278,33 +325,40 @@ def run(
     fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
     if gpus_per_client:
         fed += f" client-resources-num-gpus={gpus_per_client}"
-    cmd = [_bin("flwr"), "run", str(app_dir), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
-    log_path = run_dir / "flwr.log"
-    rounds = int(values.get("num-server-rounds", 0)) or None
     t0 = time.time()
     _exit_on_sigterm()
-    with LocalSuperLink(env, Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"), open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=quiet, file=sys.stdout, dynamic_ncols=True)
-        seen: set[str] = set()
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(f"[{time.time() - t0:7.1f}s] {line}")  # seconds since launch: start-up cost is visible
+    staged = stage_app(app_dir, Path(env["FLWR_HOME"]) / "staging")  # flwr run walks every file of its folder
+    cmd = [_bin("flwr"), "run", str(staged), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
+    log_path = run_dir / "flwr.log"
+    rounds = int(values.get("num-server-rounds", 0)) or None
+    superlink_log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+    try:
+        with LocalSuperLink(env, superlink_log), open(log_path, "w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            m = ROUND_RE.search(line)
-            if m and m.group(0) not in seen:  # open_clip's root handler may duplicate lines
-                seen.add(m.group(0))
-                r, total = int(m.group(1)), int(m.group(2))
-                bar.total = total
-                bar.n = r
-                bar.set_postfix_str(f"clean_acc {m.group(3)}%  asr {m.group(4)}")
-                bar.refresh()
-            elif re.search(r"ERROR|Traceback|ConfigError", line) and not quiet:
-                tqdm.write(line.rstrip())
-        rc = proc.wait()
-        bar.close()
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            bar = tqdm(total=rounds, desc="rounds", unit="round", disable=quiet, file=sys.stdout, dynamic_ncols=True)
+            seen: set[str] = set()
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(f"[{time.time() - t0:7.1f}s] {line}")  # seconds since launch: start-up cost is visible
+                log.flush()
+                m = ROUND_RE.search(line)
+                if m and m.group(0) not in seen:  # open_clip's root handler may duplicate lines
+                    seen.add(m.group(0))
+                    r, total = int(m.group(1)), int(m.group(2))
+                    bar.total = total
+                    bar.n = r
+                    bar.set_postfix_str(f"clean_acc {m.group(3)}%  asr {m.group(4)}")
+                    bar.refresh()
+                elif re.search(r"ERROR|Traceback|ConfigError", line) and not quiet:
+                    tqdm.write(line.rstrip())
+            rc = proc.wait()
+            bar.close()
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.exists():
         raise RuntimeError(f"flwr run failed (exit {rc}); see {log_path}")

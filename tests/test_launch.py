@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
-from fedsec.launch import LocalSuperLink, _port_busy, descendants, kill_tree
+from flwr.cli.build import build_fab_from_disk
+
+from fedsec.launch import LocalSuperLink, _port_busy, descendants, kill_tree, stage_app
+from tests.conftest import ROOT
 
 
 def _listening_socket() -> tuple[socket.socket, int]:
@@ -74,3 +77,29 @@ def test_kill_tree_stops_a_process_and_its_children():
     # Assert: the parent and its child are gone
     assert children, "the child process did not start"
     assert not any(_running(pid) for pid in children)
+
+
+def test_stage_app_keeps_exactly_what_the_fab_holds(tmp_path):
+    # Prepare: an app with a virtual env, ignored run folders, a Flower home, and files the FAB leaves out
+    app = tmp_path / "app"
+    for rel, text in {
+        "pyproject.toml": (ROOT / "pyproject.toml").read_text(),
+        ".gitignore": "runs/\n*.log\n",
+        "pkg/__init__.py": "",
+        "pkg/mod.py": "X = 1\n",
+        "pkg/data.json": "{}",
+        "pkg/picture.png": "not text",
+        "runs/r1/summary.json": "{}",
+        "pkg/debug.log": "x",
+        "env/pyvenv.cfg": "home = /usr\n",
+        "env/lib/site.py": "Y = 2\n",
+        ".flwr/apps/old/a.py": "",
+    }.items():
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(text)
+    # Execute
+    staged = stage_app(app, tmp_path / "staging")
+    # Assert: only the FAB's files are copied, and the FAB built from them is byte-identical
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert files == [".gitignore", "pkg/__init__.py", "pkg/data.json", "pkg/mod.py", "pyproject.toml"]
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
