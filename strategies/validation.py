@@ -200,6 +200,15 @@ def common_metric_keys(records: list[MetricRecord]) -> list[str]:
     return [k for k in keys if len({shape(r[k]) for r in records}) == 1]
 
 
+def _reply_order(msg: Message) -> tuple[float, int]:
+    """Sort key of a valid reply: its ``partition-id`` metric when it reports one, then its node id."""
+    try:
+        pid = float(msg.content["metrics"]["partition-id"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        pid = float("inf")
+    return (pid if np.isfinite(pid) else float("inf"), node_id(msg))
+
+
 class Validated(StrategyWrapper):
     """Drop invalid replies before ``inner`` aggregates.
 
@@ -300,6 +309,9 @@ class Validated(StrategyWrapper):
             if rejected:
                 log(WARNING, "validation: no valid reply in round %d, keeping the global model", server_round)
             return None, metrics
+        # A fixed order (partition id, then node id): replies arrive in whatever order the clients finish,
+        # and float sums in another order differ in the last bits, which training amplifies over rounds.
+        accepted.sort(key=_reply_order)
         clean = self._harmonised_copies(accepted, reference)
         try:
             arrays, inner_metrics = self.inner.aggregate_train(server_round, clean)

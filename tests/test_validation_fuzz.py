@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 
 from strategies.registry import STRATEGIES, load_all
 from strategies.validation import REJECTED_KEY, Validated, check_evaluate_reply, check_reply
-from tests.strategy_helpers import ctx_arrays, ctx_of, make_sctx, npy_bytes, run_round, snapshot, train_content
+from tests.strategy_helpers import (
+    configure,
+    ctx_arrays,
+    ctx_of,
+    make_sctx,
+    npy_bytes,
+    replies_to,
+    run_round,
+    snapshot,
+    train_content,
+)
 
 load_all()
 
@@ -329,3 +339,25 @@ def test_fuzz_every_registered_strategy_behind_validation_rejects_malformed_repl
     if len(bad_nodes) == len(specs):
         assert arrays is None
     assert snapshot(replies) == before
+
+
+@pytest.mark.parametrize("name", ["fedavg", "trimmed-mean", "flame"])
+def test_aggregate_does_not_depend_on_the_order_replies_arrive_in(name):
+    # Prepare: float32 values whose sum depends on the order; replies in two different arrival orders
+    rng = np.random.default_rng(3)
+    contents = {
+        10 + p: train_content(
+            (rng.normal(size=SHAPE) * 10.0 ** rng.integers(-3, 4)).astype(np.float32), 7 + p, **{"partition-id": p}
+        )
+        for p in range(8)
+    }
+    results = []
+    for order in (list(range(8)), [5, 2, 7, 0, 3, 6, 1, 4]):
+        strategy = Validated(STRATEGIES.get(name)(make_sctx(name, 8, **{"flame-noise-lambda": 0.0})))
+        instructions = configure(strategy, GLOBAL, sorted(contents))
+        replies = replies_to(instructions, contents)
+        # Execute
+        arrays, _ = strategy.aggregate_train(1, [replies[i] for i in order])
+        results.append(ctx_of(arrays))
+    # Assert: bit-identical aggregates
+    assert np.array_equal(results[0], results[1])
