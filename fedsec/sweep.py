@@ -181,11 +181,18 @@ def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = 
         writer.writeheader()
         writer.writerows(table)
     shown = tuple(group_keys) + tuple(m for m in METRICS if any(r[m] is not None for r in table)) + ("seeds",)
-    md = format_table([{k: _pm(r, k) for k in shown} for r in table], shown)
+    md = format_table([{k: _key_cell(r[k]) if k in group_keys else _pm(r, k) for k in shown} for r in table], shown)
     out_stem.with_suffix(".md").write_text(md + "\n")
     _plot(groups, group_keys, out_stem.with_suffix(".png"))
     print(md)
     return table
+
+
+def _key_cell(value: object) -> str:
+    """A grid key's value as a table cell: floats with 4 significant digits (e.g. 8/255 -> 0.03137)."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _pm(row: dict, key: str):
