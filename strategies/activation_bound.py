@@ -248,9 +248,11 @@ class BoundLearner:
         state = self.state
         if self.reference is None:
             return state["images"], {}
+        if "features" not in state:  # the encoder is frozen and unclamped here: encode the set once per run
+            state["features"] = state["clip"].encode_images_batched(state["images"])
         set_ctx(state["model"], self.reference)
         with torch.no_grad():
-            pred = predict(state["model"], state["clip"].encode_images_batched(state["images"]))
+            pred = predict(state["model"], state["features"])
         keep = (pred == state["labels"]).to(state["images"].device)
         if int(keep.sum()) == 0:
             return state["images"], {"bound-kept": 1.0}
