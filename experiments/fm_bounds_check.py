@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/fm_bounds_check.py [layers:granularity:quantile:data:steps[:penalty] ...]
+    python experiments/fm_bounds_check.py [layers:granularity:quantile:data:steps[:penalty[:sides]]] ...
 
 e.g. ``visual.transformer.resblocks.*:neuron:0.95:clean:0``. ``layers`` are comma-separated module
 patterns (see ``bounds-layers``); ``granularity`` is ``neuron`` or ``channel``; the bounds are
@@ -10,7 +10,8 @@ initialised at the ``quantile`` of the activations on ``data``, one of ``all`` (
 set, what the defense sees), ``clean`` (its unpoisoned part: an oracle the defender does not have) or
 ``filtered`` (the synthetic images whose label the run's benign-only, unfused prompt predicts: a filter
 the server could run with the pre-fusion aggregate); then ``steps`` optimisation steps at ``penalty``
-(default 0.5). Also prints the filter's precision and a check on the classifier head (per class and
+(default 0.5); ``sides`` is 1 (upper bounds, default) or 2 (also lower bounds at ``1 - quantile``).
+Also prints the filter's precision and a check on the classifier head (per class and
 embedding dimension upper bounds on the image-text similarity contributions).
 
 Reads ``runs/fm-poison/final_prompt.npz`` and its last checkpoint (from
@@ -85,10 +86,11 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         layer_spec, gran, quantile, data, steps, *rest = spec.split(":")
         penalty = float(rest[0]) if rest else 0.5
+        two_sided = len(rest) > 1 and rest[1] == "2"
         layers = resolve_layers(clip.model, layer_spec.split(","))
         x = synth[torch.from_numpy(subsets[data])]
         t0 = time.time()
-        bounds = init_bounds(clip.model, clip.encode_images, x, layers, gran, float(quantile))
+        bounds = init_bounds(clip.model, clip.encode_images, x, layers, gran, float(quantile), two_sided=two_sided)
         result = "init " + evaluate(bounds)
         if int(steps):
             optimize_bounds(

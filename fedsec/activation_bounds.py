@@ -14,6 +14,11 @@ encoder's transformer block outputs). Layer patterns match module names
 segment by segment (``*`` matches one segment), e.g.
 ``visual.transformer.resblocks.*`` or ``transformer.resblocks.*`` (the text
 encoder, which the prompt classifier reuses).
+
+Optionally the bounds are two-sided: an entry named ``<layer>@lower`` holds a
+lower bound of the same shape, applied as ``max(h, lo)`` (``@`` cannot occur in a
+module name). Residual-stream activations are signed, so an upper bound alone
+lets a trigger's abnormally *low* activations through.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ from torch import nn
 #: The image encoder's transformer block outputs (open_clip ViT).
 DEFAULT_LAYERS = ("visual.transformer.resblocks.*",)
 GRANULARITIES = ("channel", "neuron")
+#: Suffix of a lower-bound entry: ``"<layer>@lower"`` clamps ``<layer>``'s output from below.
+LOWER = "@lower"
+
+
+def split_name(name: str) -> tuple[str, bool]:
+    """``(layer, is_lower)`` of a bound entry's name."""
+    return (name[: -len(LOWER)], True) if name.endswith(LOWER) else (name, False)
 
 
 def match_layer(name: str, pattern: str) -> bool:
@@ -63,12 +75,13 @@ class ActivationBounds(nn.Module):
 
     A bound's shape is the trailing shape of the layer's output it clamps:
     ``(D,)`` per channel, ``(L, D)`` per neuron (token x channel); ``+inf``
-    entries leave an activation free.
+    entries leave an activation free. An entry named ``<layer>@lower`` (see
+    :data:`LOWER`) is a lower bound on ``<layer>`` (``-inf`` leaves it free).
 
     Parameters
     ----------
     taus : Mapping[str, torch.Tensor]
-        Layer name -> bound tensor.
+        Layer name (or ``<layer>@lower``) -> bound tensor.
     """
 
     def __init__(self, taus: Mapping[str, torch.Tensor]) -> None:
@@ -101,16 +114,18 @@ class ActivationBounds(nn.Module):
         return h.hexdigest()
 
 
-def clamp(h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """``min(h, tau)`` with ``tau`` broadcast over the leading (batch) dimensions."""
-    return torch.minimum(h, tau.to(h.device, h.dtype))
+def clamp(h: torch.Tensor, tau: torch.Tensor, lower: bool = False) -> torch.Tensor:
+    """``min(h, tau)`` (``max(h, tau)`` when ``lower``), ``tau`` broadcast over the leading (batch) dimensions."""
+    tau = tau.to(h.device, h.dtype)
+    return torch.maximum(h, tau) if lower else torch.minimum(h, tau)
 
 
 @contextlib.contextmanager
 def bounded(model: nn.Module, bounds: ActivationBounds | Mapping[str, torch.Tensor] | None) -> Iterator[None]:
     """Apply ``bounds`` to ``model`` (forward hooks) inside the ``with`` block; ``None`` does nothing.
 
-    ``bounds`` is an :class:`ActivationBounds` or a mapping layer name -> tensor.
+    ``bounds`` is an :class:`ActivationBounds` or a mapping layer name -> tensor
+    (``<layer>@lower`` entries clamp from below).
 
     Gradients flow to ``tau`` where an activation is clamped, and to the input
     where it is not. The hooks are removed on exit, even after an exception.
@@ -122,22 +137,23 @@ def bounded(model: nn.Module, bounds: ActivationBounds | Mapping[str, torch.Tens
     handles = []
     try:
         for name, tau in bounds.items():
-            if name not in modules:
-                raise ValueError(f"bounded layer {name!r} is not a module of {type(model).__name__}")
-            handles.append(modules[name].register_forward_hook(_clamp_hook(name, tau)))
+            layer, lower = split_name(name)
+            if layer not in modules:
+                raise ValueError(f"bounded layer {layer!r} is not a module of {type(model).__name__}")
+            handles.append(modules[layer].register_forward_hook(_clamp_hook(name, tau, lower)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _clamp_hook(name: str, tau: torch.Tensor) -> Callable:
+def _clamp_hook(name: str, tau: torch.Tensor, lower: bool = False) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"layer {name!r} returns {type(output).__name__}; only tensor outputs can be bounded")
         if tuple(output.shape[output.dim() - tau.dim() :]) != tuple(tau.shape):
             raise ValueError(f"bound of {name!r} has shape {tuple(tau.shape)}; output shape {tuple(output.shape)}")
-        return clamp(output, tau)
+        return clamp(output, tau, lower)
 
     return hook
 
@@ -174,6 +190,7 @@ def init_bounds(
     granularity: str = "channel",
     quantile: float = 1.0,
     margin: float = 0.0,
+    two_sided: bool = False,
 ) -> ActivationBounds:
     """Bounds from activation statistics: the ``quantile`` of each channel (or neuron) on ``images``.
 
@@ -194,6 +211,9 @@ def init_bounds(
         1.0 = the maximum (the clamps are then a no-op on ``images``).
     margin : float
         Added to every bound, in units of the layer's activation standard deviation.
+    two_sided : bool
+        Also add lower bounds ``<layer>@lower`` at the ``1 - quantile`` (the
+        minimum for 1.0), minus the margin.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
@@ -201,20 +221,21 @@ def init_bounds(
     taus: dict[str, torch.Tensor] = {}
     for name, a in acts.items():
         flat = a.reshape(-1, a.shape[-1]) if granularity == "channel" else a.reshape(a.shape[0], -1)
-        if quantile >= 1.0:
-            tau = flat.amax(0)
-        else:
-            tau = torch.quantile(
-                flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:200_000]], quantile, dim=0
-            )
-        tau = tau + margin * a.std()
-        taus[name] = tau if granularity == "channel" else tau.reshape(a.shape[1:])
+        rows = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:200_000]]
+        shape = a.shape[-1:] if granularity == "channel" else a.shape[1:]
+        upper = flat.amax(0) if quantile >= 1.0 else torch.quantile(rows, quantile, dim=0)
+        taus[name] = (upper + margin * a.std()).reshape(shape)
+        if two_sided:
+            low = flat.amin(0) if quantile >= 1.0 else torch.quantile(rows, 1.0 - quantile, dim=0)
+            taus[name + LOWER] = (low - margin * a.std()).reshape(shape)
     return ActivationBounds(taus)
 
 
 def unbounded_like(bounds: ActivationBounds) -> ActivationBounds:
-    """Bounds of the same layers and shapes, all ``+inf`` (the clamps are then a no-op)."""
-    return ActivationBounds({n: torch.full_like(t.detach(), float("inf")) for n, t in bounds.items()})
+    """Bounds of the same layers and shapes, all ``+inf`` (``-inf`` for lower bounds): the clamps are a no-op."""
+    return ActivationBounds(
+        {n: torch.full_like(t.detach(), -float("inf") if split_name(n)[1] else float("inf")) for n, t in bounds.items()}
+    )
 
 
 def _param_versions(model: nn.Module) -> dict[str, int]:
@@ -241,6 +262,8 @@ def optimize_bounds(
     (``loss="kl"``) or the cross-entropy to the unclamped prediction
     (``loss="ce"``). Only ``tau`` changes: the model's parameters are checked
     to be untouched (``RuntimeError`` otherwise). Infinite entries stay free.
+    Lower bounds (``<layer>@lower``) take the same norm penalty: they sit below
+    zero on signed activations, so shrinking their norm raises (tightens) them.
 
     Parameters
     ----------
@@ -275,6 +298,10 @@ def optimize_bounds(
         for (_, t), f in zip(bounds.items(), finite, strict=True)
     ]
     norms0 = [t0.norm().clamp_min(1e-6) for t0 in tau0]
+    frees = [  # what a non-finite entry stays: +inf for an upper bound, -inf for a lower one
+        torch.full_like(t0, -float("inf") if split_name(n)[1] else float("inf"))
+        for n, t0 in zip(bounds.names, tau0, strict=True)
+    ]
     u = [torch.zeros_like(t0, requires_grad=True) for t0 in tau0]
     opt = torch.optim.Adam(u, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -284,8 +311,7 @@ def optimize_bounds(
     for _ in range(steps):
         idx = torch.randperm(len(images), generator=gen)[: min(batch_size, len(images))]
         taus = [
-            torch.where(f, t0 + s * v, torch.full_like(t0, float("inf")))
-            for t0, s, v, f in zip(tau0, scale, u, finite, strict=True)
+            torch.where(f, t0 + s * v, free) for t0, s, v, f, free in zip(tau0, scale, u, finite, frees, strict=True)
         ]
         with bounded(model, dict(zip(bounds.names, taus, strict=True))):  # plain tensors: gradients reach u
             out = logits_fn(images[idx]).float()

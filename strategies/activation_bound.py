@@ -10,7 +10,9 @@ while a norm penalty shrinks the bounds. Model parameters never change. The
 bounds travel to the clients beside ``ctx`` as a separate ``"bounds"``
 ``ArrayRecord`` in every train/evaluate message (clients reply with ``ctx``
 only, which reply validation checks as before); clients and the evaluation
-apply them as clamps ``min(h, tau)`` in every forward pass.
+apply them as clamps ``min(h, tau)`` in every forward pass (with
+``bounds-two-sided = true`` also ``max(h, lo)``, lower bounds at the
+``1 - bounds-init-quantile`` of the same statistics).
 
 Switch it on with ``activation-bounds = true`` (with any ``strategy``).
 """
@@ -47,6 +49,7 @@ PARAMS: dict[str, object] = {
     "bounds-loss": "kl",
     "bounds-batch-size": 64,
     "bounds-data": "all",
+    "bounds-two-sided": False,
 }
 
 
@@ -236,6 +239,7 @@ class BoundLearner:
             self.state["layers"],
             str(self.cfg.get("bounds-granularity")),
             float(self.cfg.get("bounds-init-quantile")),
+            two_sided=bool(self.cfg.get("bounds-two-sided")),
         ).to(clip.device)
 
     def _filtered(self) -> tuple[object, dict]:

@@ -129,9 +129,74 @@ def test_bounds_reduce_a_planted_abnormal_activation():
     assert torch.equal(clean_pred, clean_pred_bounded)
 
 
+def test_two_sided_bounds_cut_a_planted_abnormally_low_activation():
+    # Prepare: a residual-style layer (no ReLU) where the trigger drives unit 0 far *below* its clean range
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Identity(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[0].weight[:, 7] = 0.0
+        net[0].weight[0] = 0.0
+        net[0].weight[0, 7] = -50.0
+        net[0].bias[0] = 0.0
+        net[2].weight[:, 0] = torch.tensor([0.0, 0.0, -1.0])  # a low unit 0 votes for class 2
+    for p in net.parameters():
+        p.requires_grad_(False)
+    clean = torch.randn(256, 8)
+    clean[:, 7] = 0.0
+    triggered = clean.clone()
+    triggered[:, 7] = 1.0
+    upper = init_bounds(net, net, clean, ["1"], "channel", 1.0)
+    both = init_bounds(net, net, clean, ["1"], "channel", 1.0, two_sided=True)
+    free = unbounded_like(both)
+    # Execute
+    with torch.no_grad():
+        plain = net(triggered).argmax(-1)
+        with bounded(net, upper):
+            upper_pred = net(triggered).argmax(-1)
+        with bounded(net, both):
+            both_pred = net(triggered).argmax(-1)
+            clean_both = net(clean)
+        with bounded(net, free):
+            free_out = net(triggered)
+    # Assert: the lower entry is the clean minimum; upper bounds alone miss the trigger, two-sided ones cut it;
+    # clean outputs are unchanged, and -inf lower bounds are a no-op
+    assert set(both.names) == {"1", "1@lower"} and float(both.to_arrays()["1@lower"][0]) == pytest.approx(0.0)
+    assert np.isneginf(free.to_arrays()["1@lower"]).all()
+    assert (plain == 2).all() and (upper_pred == 2).all()
+    assert (both_pred == 2).float().mean() < 0.6
+    assert torch.allclose(clean_both, net(clean))
+    assert torch.equal(free_out, net(triggered))
+
+
+def test_optimisation_keeps_infinite_lower_bounds_free(random_clip):
+    # Prepare: two-sided bounds, the lower ones of the first layer left free (-inf)
+    images = torch.rand(16, 3, 32, 32)
+    text = torch.nn.functional.normalize(torch.randn(5, 128), dim=-1)
+    layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
+    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "channel", 0.9, two_sided=True)
+    arrays = bounds.to_arrays()
+    arrays[layers[0] + "@lower"][:] = -np.inf
+    bounds = ActivationBounds.from_arrays(arrays)
+    # Execute
+    optimize_bounds(
+        random_clip.model, lambda x: 10 * random_clip.encode_images(x) @ text.T, images, bounds, steps=3, batch_size=8
+    )
+    out = bounds.to_arrays()
+    # Assert: the free entries stay -inf, the others stay finite and below their upper bounds
+    assert np.isneginf(out[layers[0] + "@lower"]).all()
+    for layer in layers[1:]:
+        assert np.isfinite(out[layer + "@lower"]).all() and (out[layer + "@lower"] < out[layer]).all()
+
+
 def test_bounds_round_trip_through_records_and_messages():
     # Prepare: bounds as the wrapper sends them; reply validation behind it
-    bounds = ActivationBounds({"visual.transformer.resblocks.0": torch.randn(65, 128), "transformer.x": torch.randn(4)})
+    bounds = ActivationBounds(
+        {
+            "visual.transformer.resblocks.0": torch.randn(65, 128),
+            "visual.transformer.resblocks.0@lower": torch.randn(65, 128),
+            "transformer.x": torch.randn(4),
+        }
+    )
     inner = Validated(_FedAvg())
     wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: (bounds.to_arrays(), {"bound-loss": 0.0}))
     ctx = np.zeros((2, 3), dtype=np.float32)
