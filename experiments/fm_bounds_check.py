@@ -15,7 +15,9 @@ Also prints the filter's precision and a check on the classifier head (per class
 embedding dimension upper bounds on the image-text similarity contributions).
 
 Reads ``runs/fm-poison/final_prompt.npz`` and its last checkpoint (from
-``fedsec run experiments/conf/fm_poison.toml -c "run-dir='$PWD/runs/fm-poison'"``); 1,000 test images.
+``fedsec run experiments/conf/fm_poison.toml -c "run-dir='$PWD/runs/fm-poison'"``). Evaluates on 1,000 images
+of ``--split`` (``test`` by default; ``--split train`` takes them from the clients' half of the training set,
+which no run evaluates on: choose settings there, then report them on the test set).
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from fedsec.synthetic import build_synthetic_set
 RUN = Path("runs/fm-poison")
 
 
-def main(specs: list[str]) -> None:
+def main(specs: list[str], split: str = "test") -> None:
     """Print clean accuracy and ASR without bounds, then for each bound spec after init and optimisation."""
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping(tomllib.loads(Path("experiments/conf/fm_poison.toml").read_text()))
     clip = clip_for(cfg)
-    test = load_dataset(cfg.dataset, "test", cfg.data_root)
+    test = load_dataset(cfg.dataset, split, cfg.data_root)
     keep = np.sort(np.random.default_rng(1).choice(len(test), 1000, replace=False))
     images = prepare_images(test.images[keep], clip.image_size, test.fit)
     labels = torch.from_numpy(test.labels[keep])
@@ -128,4 +130,8 @@ def _head_check(clip, text, synth, subsets, images, labels, triggered, target) -
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--split"]:
+        main(args[2:], args[1])
+    else:
+        main(args)

@@ -331,6 +331,11 @@ def optimize_bounds(
     with torch.no_grad():
         for (_, t), t0, s, v, f in zip(bounds.items(), tau0, scale, u, finite, strict=True):
             t.copy_(torch.where(f, t0 + s * v, t).to(t.device))
+        current = dict(bounds.items())
+        for name, t in bounds.items():  # a lower bound never ends above its upper bound
+            layer, lower = split_name(name)
+            if lower and layer in current:
+                t.copy_(torch.minimum(t, current[layer].to(t.device)))
     if _param_versions(model) != versions:
         raise RuntimeError("optimize_bounds changed the model's parameters; only the bounds may change")
     ratios = [

@@ -17,7 +17,7 @@ from fedsec.activation_bounds import (
     unbounded_like,
 )
 from fedsec.node import bounds_from_content
-from strategies.activation_bound import BOUNDS_KEY, ActivationBoundWrapper
+from strategies.activation_bound import BOUNDS_KEY, ActivationBoundWrapper, bounds_record
 from strategies.validation import Validated
 from tests.strategy_helpers import configure, replies_to, train_content
 
@@ -327,3 +327,35 @@ def test_unfused_shadow_adds_the_clients_updates_without_the_fusion_step():
     np.testing.assert_allclose(first, [[1.0, 1.0]])
     np.testing.assert_allclose(second, [[3.0, 3.0]])
     np.testing.assert_allclose(restored.shadow, second)
+
+
+def test_learner_with_two_sided_bounds_sends_lower_entries_below_the_upper_ones():
+    # Prepare: the server's learner with bounds-two-sided on ln_pre and the blocks
+    from fedsec.config import RunConfig
+    from fedsec.node import get_ctx
+    from fedsec.synthetic import SyntheticSet
+    from strategies.activation_bound import BoundLearner
+
+    cfg = RunConfig.from_mapping(
+        {
+            "bounds-steps": 2,
+            "bounds-batch-size": 16,
+            "bounds-init-quantile": 0.9,
+            "bounds-two-sided": True,
+            "bounds-layers": "visual.ln_pre,visual.transformer.resblocks.*",
+        }
+    )
+    images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    synthetic = SyntheticSet(images, torch.arange(32) % 10, [f"c{i}" for i in range(10)])
+    learner = BoundLearner(cfg, lambda: synthetic)
+    learner._setup()
+    # Execute
+    bounds, _ = learner(get_ctx(learner.state["model"]), 1)
+    # Assert: one upper and one lower entry per layer, lower below upper (equal where an activation is constant,
+    # e.g. the class token at ln_pre), and the record round trip keeps both
+    layers = learner.state["layers"]
+    assert layers[0] == "visual.ln_pre" and len(layers) == 5
+    assert sorted(bounds) == sorted([*layers, *(n + "@lower" for n in layers)])
+    assert all((bounds[n + "@lower"] <= bounds[n]).all() and (bounds[n + "@lower"] < bounds[n]).any() for n in layers)
+    received = bounds_from_content(RecordDict({BOUNDS_KEY: bounds_record(bounds)})).to_arrays()
+    assert all(np.array_equal(received[k], v) for k, v in bounds.items())
