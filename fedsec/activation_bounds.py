@@ -238,6 +238,20 @@ def unbounded_like(bounds: ActivationBounds) -> ActivationBounds:
     )
 
 
+def trimmed_mean(values: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean of ``values`` without its ``trim`` fraction of largest entries (at least one entry is kept).
+
+    Raises
+    ------
+    ValueError
+        When ``trim`` is outside ``[0, 1)``.
+    """
+    if not 0.0 <= trim < 1.0:
+        raise ValueError(f"trim must be in [0, 1); got {trim}")
+    keep = max(1, len(values) - int(trim * len(values)))
+    return torch.sort(values).values[:keep].mean()
+
+
 def _param_versions(model: nn.Module) -> dict[str, int]:
     return {n: p._version for n, p in model.named_parameters()}
 
@@ -253,6 +267,7 @@ def optimize_bounds(
     loss: str = "kl",
     batch_size: int = 64,
     seed: int = 0,
+    trim: float = 0.0,
 ) -> dict[str, float]:
     """Shrink ``bounds`` while the clamped model's outputs stay close to the unclamped model's.
 
@@ -264,6 +279,10 @@ def optimize_bounds(
     to be untouched (``RuntimeError`` otherwise). Infinite entries stay free.
     Lower bounds (``<layer>@lower``) take the same norm penalty: they sit below
     zero on signed activations, so shrinking their norm raises (tightens) them.
+    With ``trim > 0`` the output distance is a trimmed mean: the ``trim``
+    fraction of each batch with the largest distance is left out, so a few
+    triggered images in the data cannot make the optimisation loosen the bounds
+    that cut their trigger (their outputs change most under the clamps).
 
     Parameters
     ----------
@@ -275,7 +294,7 @@ def optimize_bounds(
         The (synthetic) optimisation data.
     bounds : ActivationBounds
         Optimised in place.
-    steps, lr, penalty, loss, batch_size, seed
+    steps, lr, penalty, loss, batch_size, seed, trim
         See above.
 
     Returns
@@ -317,9 +336,10 @@ def optimize_bounds(
             out = logits_fn(images[idx]).float()
         target = targets[idx].to(out.device)
         if loss == "kl":
-            dist = F.kl_div(F.log_softmax(out, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+            per = F.kl_div(F.log_softmax(out, -1), F.log_softmax(target, -1), log_target=True, reduction="none").sum(-1)
         else:
-            dist = F.cross_entropy(out, target.argmax(-1))
+            per = F.cross_entropy(out, target.argmax(-1), reduction="none")
+        dist = trimmed_mean(per, trim)
         shrink = torch.stack(
             [torch.where(f, t, torch.zeros_like(t)).norm() / n0 for t, f, n0 in zip(taus, finite, norms0, strict=True)]
         ).mean()

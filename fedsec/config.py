@@ -75,6 +75,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, None),
     "eval-samples": (0, None),
     "asr-eval-samples": (0, None),
+    "bounds-init-quantile": (0.0, 1.0),
+    "bounds-trim": (0.0, 0.99),
 }
 
 
@@ -172,7 +174,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check ranges and allowed values; raise :class:`ConfigError`."""
         for key, (lo, hi) in _RANGES.items():
-            v = getattr(self, key.replace("-", "_"))
+            if key not in self.extra and not hasattr(self, key.replace("-", "_")):
+                continue  # a component key this config was built without
+            v = self.get(key)
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
         for key, allowed in _CHOICES.items():

@@ -50,6 +50,7 @@ PARAMS: dict[str, object] = {
     "bounds-batch-size": 64,
     "bounds-data": "all",
     "bounds-two-sided": False,
+    "bounds-trim": 0.0,
 }
 
 
@@ -301,6 +302,7 @@ class BoundLearner:
             loss=str(cfg.get("bounds-loss")),
             batch_size=int(cfg.get("bounds-batch-size")),
             seed=cfg.seed * 104_729 + server_round,
+            trim=float(cfg.get("bounds-trim")),
         )
         return state["bounds"].to_arrays(), {**stats, **extra}
 
