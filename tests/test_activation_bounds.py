@@ -14,6 +14,7 @@ from fedsec.activation_bounds import (
     init_bounds,
     optimize_bounds,
     resolve_layers,
+    trimmed_mean,
     unbounded_like,
 )
 from fedsec.node import bounds_from_content
@@ -359,3 +360,29 @@ def test_learner_with_two_sided_bounds_sends_lower_entries_below_the_upper_ones(
     assert all((bounds[n + "@lower"] <= bounds[n]).all() and (bounds[n + "@lower"] < bounds[n]).any() for n in layers)
     received = bounds_from_content(RecordDict({BOUNDS_KEY: bounds_record(bounds)})).to_arrays()
     assert all(np.array_equal(received[k], v) for k, v in bounds.items())
+
+
+def test_trimmed_mean_drops_the_largest_fraction():
+    # Prepare
+    values = torch.tensor([3.0, 10.0, 1.0, 2.0])
+    # Execute / Assert: hand-computed
+    assert float(trimmed_mean(values, 0.0)) == pytest.approx(4.0)
+    assert float(trimmed_mean(values, 0.25)) == pytest.approx(2.0)
+    assert float(trimmed_mean(values, 0.9)) == pytest.approx(1.0)  # at least one value is kept
+    with pytest.raises(ValueError, match="trim"):
+        trimmed_mean(values, 1.0)
+
+
+def test_trimmed_optimisation_keeps_the_bound_on_a_few_triggered_images_tight():
+    # Prepare: bounds from 64 clean inputs; the optimisation data adds 10 triggered ones (13%)
+    net, clean, triggered = _planted_net()
+    data = torch.cat([clean[:64], triggered[:10]])
+    plain = init_bounds(net, net, clean[:64], ["1"], "channel", 1.0)
+    trimmed = init_bounds(net, net, clean[:64], ["1"], "channel", 1.0)
+    # Execute: full-batch steps, without and with a 20% trim
+    optimize_bounds(net, net, data, plain, steps=30, lr=0.05, penalty=0.5, batch_size=len(data))
+    optimize_bounds(net, net, data, trimmed, steps=30, lr=0.05, penalty=0.5, batch_size=len(data), trim=0.2)
+    # Assert: the untrimmed loss loosens the trigger unit's bound (from 0) to keep the triggered outputs; the
+    # trimmed one leaves those inputs out and keeps it near the clean maximum
+    assert float(plain.tau[0][0].detach()) > 0.5
+    assert float(trimmed.tau[0][0].detach()) < 0.2
