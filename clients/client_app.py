@@ -4,7 +4,8 @@ A node learns its ``partition-id`` and ``num-partitions`` from its node config.
 Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
 training path. Only ``ctx`` leaves the node. Activation bounds the server sends
-(record ``"bounds"``) are applied as clamps in every forward pass.
+(record ``"bounds"``) are applied as clamps in every evaluation, and in training
+unless ``bounds-client-training = false``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedsec.node import (
     prompt_model_for,
     seed_everything,
     set_ctx,
+    training_bounds,
 )
 from fedsec.training import accuracy_on_features
 
@@ -51,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
     model = prompt_model_for(cfg, tuple(classnames))
     set_ctx(model, msg.content["arrays"]["ctx"].numpy())
     clip = clip_for(cfg)
-    bounds = bounds_from_content(msg.content)  # activation bounds, when the server sends them
+    bounds = training_bounds(cfg, bounds_from_content(msg.content))  # activation bounds, when the server sends them
     data = local_data_under_bounds(data, clip, bounds, (pid, n))
 
     malicious = cfg.attack != "none" and pid in malicious_partitions(

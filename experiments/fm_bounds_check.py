@@ -22,6 +22,7 @@ Reads the global prompt of ``--run`` (default ``runs/fm-poison``, from
 ``--round N`` the prompt of ``checkpoints/round_N.npz``. ``filtered`` uses the run's unfused shadow prompt
 (the strategy state of a run with ``bounds-data = "filtered"``) where the run kept one for that round, else
 the evaluation's benign-only prompt; a run with bounds also gets its own bounds evaluated. Evaluates on 1,000 images
+(``--samples``, 0 = all)
 of ``--split`` (``test`` by default; ``--split train`` takes them from the clients' half of the training set,
 which no run evaluates on: choose settings there, then report them on the test set).
 """
@@ -48,13 +49,16 @@ from fedsec.synthetic import build_synthetic_set
 RUN = Path("runs/fm-poison")
 
 
-def main(specs: list[str], split: str = "test", run: Path = RUN, round_: int | None = None) -> None:
+def main(
+    specs: list[str], split: str = "test", run: Path = RUN, round_: int | None = None, samples: int = 1000
+) -> None:
     """Print clean accuracy and ASR without bounds, then for each bound spec after init and optimisation."""
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping(tomllib.loads(Path("experiments/conf/fm_poison.toml").read_text()))
     clip = clip_for(cfg)
     test = load_dataset(cfg.dataset, split, cfg.data_root)
-    keep = np.sort(np.random.default_rng(1).choice(len(test), 1000, replace=False))
+    n = len(test) if samples <= 0 else min(samples, len(test))
+    keep = np.sort(np.random.default_rng(1).choice(len(test), n, replace=False))
     images = prepare_images(test.images[keep], clip.image_size, test.fit)
     labels = torch.from_numpy(test.labels[keep])
     nontarget = np.flatnonzero(test.labels[keep] != cfg.target_label)
@@ -155,5 +159,6 @@ if __name__ == "__main__":
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--run", type=Path, default=RUN)
     parser.add_argument("--round", dest="round_", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=1000, help="evaluation images (0 = the whole split)")
     args = parser.parse_args()
-    main(args.specs, args.split, args.run, args.round_)
+    main(args.specs, args.split, args.run, args.round_, args.samples)

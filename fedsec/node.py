@@ -282,6 +282,18 @@ def local_data_under_bounds(
     return out
 
 
+def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> ActivationBounds | None:
+    """The bounds a client trains under: the received ones, or ``None`` with ``bounds-client-training = false``.
+
+    The bounds always apply at evaluation and inference; training under them
+    restricts the features to what the global model used when they were
+    learned, which slows the learning of everything else.
+    """
+    if bounds is None or bool(cfg.get("bounds-client-training")):
+        return bounds
+    return None
+
+
 def bounds_from_content(content) -> ActivationBounds | None:
     """The activation bounds a server message carries beside ``ctx`` (record ``"bounds"``), or ``None``."""
     if "bounds" not in content:

@@ -51,6 +51,7 @@ PARAMS: dict[str, object] = {
     "bounds-data": "all",
     "bounds-two-sided": False,
     "bounds-trim": 0.0,
+    "bounds-client-training": True,
 }
 
 

@@ -386,3 +386,17 @@ def test_trimmed_optimisation_keeps_the_bound_on_a_few_triggered_images_tight():
     # trimmed one leaves those inputs out and keeps it near the clean maximum
     assert float(plain.tau[0][0].detach()) > 0.5
     assert float(trimmed.tau[0][0].detach()) < 0.2
+
+
+def test_clients_train_under_the_bounds_only_when_configured():
+    # Prepare
+    from fedsec.config import RunConfig
+    from fedsec.node import training_bounds
+
+    bounds = ActivationBounds({"visual.transformer.resblocks.0": torch.zeros(4)})
+    on = RunConfig.from_mapping({"activation-bounds": True})
+    off = RunConfig.from_mapping({"activation-bounds": True, "bounds-client-training": False})
+    # Execute / Assert: the default trains under the received bounds; false trains unclamped; no bounds stay none
+    assert training_bounds(on, bounds) is bounds
+    assert training_bounds(off, bounds) is None
+    assert training_bounds(on, None) is None and training_bounds(off, None) is None
