@@ -23,6 +23,7 @@ where it stopped when started again (an unfinished run is started over).
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -74,9 +75,21 @@ def expand(base: dict, grid: dict[str, list]) -> list[tuple[str, dict]]:
             else:
                 cfg[key] = value
                 parts.append(f"{key}={value}")
-        name = "-".join(parts) or "base"
-        out.append((name.replace("/", "_").replace(" ", ""), cfg))
+        name = ("-".join(parts) or "base").replace("/", "_").replace(" ", "")
+        out.append((short_name(name), cfg))
     return out
+
+
+#: Longest run-directory name; longer ones are cut and made unique by a hash (file systems allow 255 bytes).
+MAX_NAME = 160
+
+
+def short_name(name: str) -> str:
+    """``name`` itself, or its first characters and a hash of the whole when it exceeds :data:`MAX_NAME`."""
+    if len(name.encode()) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name.encode()[: MAX_NAME - 13].decode(errors="ignore") + "-" + digest
 
 
 def grid_keys(grid: dict[str, list]) -> list[str]:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fedsec.sweep import expand, load_grid, report
+from fedsec.sweep import MAX_NAME, expand, load_grid, report
 from tests.conftest import ROOT, needs_fmnist
 
 
@@ -33,6 +33,19 @@ def test_grid_expands_to_the_cartesian_product(tmp_path):
     # Assert
     assert sweep["name"] == "g" and len(runs) == 6
     assert runs[0] == ("attack=none-seed=0", {"num-server-rounds": 2, "attack": "none", "seed": 0})
+
+
+def test_long_run_names_are_cut_and_stay_unique():
+    # Prepare: two table values whose names differ only after the first 200 characters
+    long = {"bounds-layers": "x" * 200}
+    grid = {"defense": [{**long, "bounds-trim": 0.1}, {**long, "bounds-trim": 0.2}], "seed": [0]}
+    # Execute
+    names = [name for name, _ in expand({}, grid)]
+    short = expand({}, {"attack": ["none"]})[0][0]
+    # Assert: within the limit, distinct, stable, and short names untouched
+    assert all(len(n.encode()) <= MAX_NAME for n in names) and len(set(names)) == 2
+    assert names == [name for name, _ in expand({}, grid)]
+    assert short == "attack=none"
 
 
 def test_report_gives_mean_and_std_over_seeds(tmp_path):
