@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/fm_table.py            # writes experiments/results/fm.{md,csv}
+    python experiments/fm_table.py            # writes experiments/results/fm_comparison.{md,csv}
 
 Every run has server fusion on the synthetic set (the FM-FL setting), 10 clients and 10 rounds. The cells
 come from ``fedsec sweep experiments/grids/fm_clients.toml`` and ``fm_rules.toml`` (``runs/sweeps/fm``) and,
@@ -54,7 +54,7 @@ def _cell(attack: str, defense: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def main(out: Path = Path("experiments/results/fm")) -> list[dict]:
+def main(out: Path = Path("experiments/results/fm_comparison")) -> list[dict]:
     """Write ``out.md`` and ``out.csv``; return the rows."""
     rows = []
     for attack in ATTACKS:
