@@ -221,12 +221,15 @@ def init_bounds(
     taus: dict[str, torch.Tensor] = {}
     for name, a in acts.items():
         flat = a.reshape(-1, a.shape[-1]) if granularity == "channel" else a.reshape(a.shape[0], -1)
-        rows = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:200_000]]
         shape = a.shape[-1:] if granularity == "channel" else a.shape[1:]
-        upper = flat.amax(0) if quantile >= 1.0 else torch.quantile(rows, quantile, dim=0)
+        if quantile >= 1.0:
+            upper, low = flat.amax(0), (flat.amin(0) if two_sided else None)
+        else:  # torch.quantile takes at most 2^24 elements: a seeded subsample of rows
+            rows = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:200_000]]
+            upper = torch.quantile(rows, quantile, dim=0)
+            low = torch.quantile(rows, 1.0 - quantile, dim=0) if two_sided else None
         taus[name] = (upper + margin * a.std()).reshape(shape)
-        if two_sided:
-            low = flat.amin(0) if quantile >= 1.0 else torch.quantile(rows, 1.0 - quantile, dim=0)
+        if low is not None:
             taus[name + LOWER] = (low - margin * a.std()).reshape(shape)
     return ActivationBounds(taus)
 

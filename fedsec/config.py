@@ -174,13 +174,13 @@ class RunConfig:
     def validate(self) -> None:
         """Check ranges and allowed values; raise :class:`ConfigError`."""
         for key, (lo, hi) in _RANGES.items():
-            if key not in self.extra and not hasattr(self, key.replace("-", "_")):
+            if not self._has(key):
                 continue  # a component key this config was built without
             v = self.get(key)
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
         for key, allowed in _CHOICES.items():
-            if key not in self.extra and not hasattr(self, key.replace("-", "_")):
+            if not self._has(key):
                 continue  # a component key this config was built without
             v = self.get(key)
             names = allowed()
@@ -196,6 +196,10 @@ class RunConfig:
                 raise ConfigError(problem)
         elif self.attack != "none" and self.num_malicious == 0:
             raise ConfigError(f"run-config attack={self.attack!r} needs num-malicious >= 1")
+
+    def _has(self, key: str) -> bool:
+        """Whether ``key`` (kebab-case) is a core field or a declared component key of this config."""
+        return key in self.extra or hasattr(self, key.replace("-", "_"))
 
     def get(self, key: str) -> object:
         """Value of any key, core or extra (kebab-case)."""
