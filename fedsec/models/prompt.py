@@ -112,6 +112,7 @@ class PromptLearner(nn.Module):
             raise ValueError(f"class-token-position must be one of {POSITIONS}; got {class_token_position!r}")
         emb = clip_model.token_embedding
         dim = emb.weight.shape[1]
+        dev = emb.weight.device  # token ids go where the frozen embedding lives (CPU or GPU)
         n_cls = len(classnames)
         names = [c.replace("_", " ") for c in classnames]
         with torch.no_grad():
@@ -122,14 +123,14 @@ class PromptLearner(nn.Module):
                         f"n-ctx={n_ctx} but ctx-init {ctx_init!r} has {n_init} tokens; "
                         "set n-ctx to match or ctx-init='' for a random init"
                     )
-                ids = tokenizer([ctx_init])
+                ids = tokenizer([ctx_init]).to(dev)
                 vectors = emb(ids)[0, 1 : 1 + n_ctx].float().clone()
                 ctx = vectors.unsqueeze(0).repeat(n_cls, 1, 1) if class_specific else vectors
                 placeholder = ctx_init
             else:
                 g = torch.Generator().manual_seed(seed)
                 shape = (n_cls, n_ctx, dim) if class_specific else (n_ctx, dim)
-                ctx = torch.randn(shape, generator=g) * 0.02
+                ctx = (torch.randn(shape, generator=g) * 0.02).to(dev)
                 placeholder = " ".join(["X"] * n_ctx)
         self.n_ctx = n_ctx
         self.n_cls = n_cls
@@ -138,7 +139,7 @@ class PromptLearner(nn.Module):
         self.ctx_init = ctx_init
         self.ctx = nn.Parameter(ctx)
         self.name_lens = [len(tokenizer.encode(n)) for n in names]
-        tokenized = tokenizer([f"{placeholder} {n}." for n in names])
+        tokenized = tokenizer([f"{placeholder} {n}." for n in names]).to(dev)
         with torch.no_grad():
             embedding = emb(tokenized).float()
         self.register_buffer("tokenized", tokenized, persistent=False)
