@@ -97,7 +97,14 @@ def client_work(spec: dict, partition: int, ctx: np.ndarray, server_round: int) 
     with torch.no_grad():
         model.prompt_learner.ctx.copy_(torch.from_numpy(ctx))
     train_on_features(
-        model, features, labels, spec["local_steps"], spec["batch_size"], 0.002, 0.9, seed=server_round * 1000 + partition
+        model,
+        features,
+        labels,
+        spec["local_steps"],
+        spec["batch_size"],
+        0.002,
+        0.9,
+        seed=server_round * 1000 + partition,
     )
     sync(spec["device"])
     return model.prompt_learner.ctx.detach().cpu().numpy().copy(), time.perf_counter() - t0
@@ -143,7 +150,9 @@ def bench_steps(spec: dict, steps: int, repeats: int) -> dict:
         cfg = RunConfig(attack="badpromptfl", num_malicious=1, batch_size=spec["batch_size"], extra=extra)
         attack = BadPromptFL(cfg, Path(store))
         attack.partition_id = 0
-        out["badpromptfl_step_ms"] = median_ms(lambda: attack.local_train(model, data, clip, 1, 0), repeats, dev) / steps
+        out["badpromptfl_step_ms"] = (
+            median_ms(lambda: attack.local_train(model, data, clip, 1, 0), repeats, dev) / steps
+        )
     big = torch.rand(spec["encode_images"], 3, spec["image_size"], spec["image_size"])
     ms = median_ms(lambda: clip.encode_images_batched(big, spec["encode_batch"]), repeats, dev)
     out["encode_images_per_s"] = spec["encode_images"] / (ms / 1000)
@@ -210,7 +219,7 @@ def _flower_apps():
             num_rounds=spec["rounds"],
             evaluate_fn=evaluate,
         )
-        Path(os.environ[ENV_LOG]).write_text(json.dumps([b - a for a, b in zip(stamps, stamps[1:])]))
+        Path(os.environ[ENV_LOG]).write_text(json.dumps([b - a for a, b in zip(stamps, stamps[1:], strict=False)]))
 
     return server_app, client_app
 
@@ -279,6 +288,7 @@ def device_facts(device: str) -> dict:
 def markdown(res: dict) -> str:
     """The result as a Markdown report."""
     s, d = res["steps"], res["device"]
+    coop, bad = s.get("coop_step_ms", float("nan")), s.get("badpromptfl_step_ms", float("nan"))
     lines = [
         f"# GPU benchmark ({res['spec']['model']}, {res['spec']['image_size']} px, random weights)",
         "",
@@ -288,8 +298,8 @@ def markdown(res: dict) -> str:
         "",
         "| step | ms |",
         "|---|---|",
-        f"| benign CoOp step (cached features, batch {res['spec']['batch_size']}) | {s.get('coop_step_ms', float('nan')):.2f} |",
-        f"| BadPromptFL step (trigger + prompt through the image encoder) | {s.get('badpromptfl_step_ms', float('nan')):.2f} |",
+        f"| benign CoOp step (cached features, batch {res['spec']['batch_size']}) | {coop:.2f} |",
+        f"| BadPromptFL step (trigger + prompt through the image encoder) | {bad:.2f} |",
         "",
         f"Image encoding: {s.get('encode_images_per_s', float('nan')):.0f} images/s (fp32)"
         + (
