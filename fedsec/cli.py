@@ -19,9 +19,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to the sub-command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from fedsec.sweep import main_report, main_sweep
-
-    commands = {"run": _run, "sweep": main_sweep, "report": main_report, "config": _config}
+    commands = {"run": _run, "sweep": _sweep, "report": _report, "config": _config}
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -34,18 +32,37 @@ def _run(argv: list[str]) -> None:
     launch_main(argv)
 
 
+def _sweep(argv: list[str]) -> None:
+    from fedsec.sweep import main_sweep  # imports torch: only for the commands that need it
+
+    main_sweep(argv)
+
+
+def _report(argv: list[str]) -> None:
+    from fedsec.sweep import main_report
+
+    main_report(argv)
+
+
 def _config(argv: list[str]) -> None:
     from pathlib import Path
 
     from fedsec.config import pyproject_table
 
-    table = pyproject_table()
     if "--write" not in argv:
-        print(table, end="")
+        print(pyproject_table(), end="")
         return
     path = Path("pyproject.toml")
-    text = path.read_text()
     head = "[tool.flwr.app.config]\n"
+    if not path.exists() or head not in path.read_text():
+        print(
+            f"fedsec config --write: {path.resolve()} is not the fedsec app's pyproject.toml (no {head.strip()}); "
+            "run it in the fedsec checkout, or use `fedsec config` to print the table",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    table = pyproject_table()
+    text = path.read_text()
     start = text.index(head) + len(head)
     end = text.find("\n[", start)
     path.write_text(text[:start] + table + (text[end:] if end != -1 else ""))

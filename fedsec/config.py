@@ -72,6 +72,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "fraction-evaluate": (0.0, 1.0),
     "min-train-nodes": (1, None),
     "round-timeout": (1.0, None),
+    "max-weight-ratio": (0.0, None),
     "seed": (0, None),
     "eval-samples": (0, None),
     "asr-eval-samples": (0, None),
@@ -119,6 +120,7 @@ class RunConfig:
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower's default)
+    max_weight_ratio: float = 2.0  # reported num-examples bounded at this x the round's median (0 = off)
     # evaluation
     eval_samples: int = 0
     asr_eval_samples: int = 2000

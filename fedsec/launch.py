@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsec.evaluation import format_table
+from fedsec.config import ConfigError
 
 ROUND_RE = re.compile(r"\[fedsec\] round (\d+)/(\d+)\s+clean_acc ([\d.]+)%\s+asr (\S+)")
 
@@ -127,8 +127,50 @@ def _port_busy(port: str) -> bool:
         return sock.connect_ex(("127.0.0.1", int(port))) == 0
 
 
+class LaunchError(RuntimeError):
+    """The launcher cannot start: not an app folder, an unreadable TOML file."""
+
+
+class RunFailed(RuntimeError):
+    """A run started but did not finish; ``cause`` is the ServerApp's error line when the log has one."""
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def port_lock_path() -> Path:
+    """The machine-wide lock file under which launchers choose ports and start their SuperLink."""
+    return Path(tempfile.gettempdir()) / f"fedsec-superlink-ports-{os.getuid()}.lock"
+
+
+class _PortLock:
+    """``fcntl.flock`` on :func:`port_lock_path`: one launcher at a time picks ports and binds them."""
+
+    def __enter__(self) -> _PortLock:
+        import fcntl
+
+        self.fh = open(port_lock_path(), "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
 class LocalSuperLink:
-    """A simulation SuperLink on loopback that we start and stop by PID."""
+    """A simulation SuperLink on loopback that we start and stop by PID.
+
+    Ports are chosen and the SuperLink started under a machine-wide file lock
+    (:func:`port_lock_path`), and the lock is held until it answers, so two
+    launchers started at the same moment never pick the same port. A watchdog
+    process (:mod:`fedsec.watchdog`) reaps the SuperLink's tree, and every
+    other root added with :meth:`watch`, when this launcher dies without
+    stopping them (``kill -9``).
+    """
 
     def __init__(self, env: dict[str, str], log_file: Path) -> None:
         self.env = env
@@ -137,6 +179,27 @@ class LocalSuperLink:
         self.http_port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
         self.control_port = env.get("FLWR_LOCAL_CONTROL_API_PORT", str(int(self.http_port) + 2))
         self.proc: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
+        self.roots_file: Path | None = None
+
+    def watch(self, pid: int) -> None:
+        """Have the watchdog reap ``pid``'s tree too if this launcher dies."""
+        if self.roots_file is not None:
+            with open(self.roots_file, "a") as fh:
+                fh.write(f"{pid}\n")
+
+    def _start_watchdog(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="fedsec-roots-", suffix=".txt")
+        os.close(fd)
+        self.roots_file = Path(name)
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-m", "fedsec.watchdog", str(os.getpid()), name],
+            env=self.env,
+            cwd=str(Path(__file__).resolve().parents[1]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     @property
     def pid_file(self) -> Path:
@@ -178,6 +241,15 @@ class LocalSuperLink:
         self.env["FLWR_LOCAL_CONTROL_API_PORT"] = self.control_port
 
     def __enter__(self) -> LocalSuperLink:
+        self._start_watchdog()
+        try:
+            with _PortLock():
+                return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalSuperLink:
         self._pick_ports()
         if _healthy(self.http_port):
             raise RuntimeError(
@@ -200,6 +272,7 @@ class LocalSuperLink:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.watch(self.proc.pid)
         self.pid_file.write_text(f"{self.proc.pid} {os.getpid()}")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -208,16 +281,20 @@ class LocalSuperLink:
             if _healthy(self.http_port):
                 return self
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"flower-superlink did not start within 60 s; see {self.log_file}")
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started (its process group)."""
+        """Stop the SuperLink and everything it started (its process group), then the watchdog."""
         if self.proc is not None:
             if self.proc.poll() is None:
                 kill_tree(self.proc.pid)
             self.proc.wait(timeout=10)
-        self.pid_file.unlink(missing_ok=True)
+            self.pid_file.unlink(missing_ok=True)
+        if self.watchdog is not None and self.watchdog.poll() is None:
+            self.watchdog.kill()
+            self.watchdog.wait(timeout=10)
+        if self.roots_file is not None:
+            self.roots_file.unlink(missing_ok=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -276,6 +353,120 @@ def _toml_value(v: object) -> str:
     return json.dumps(str(v))
 
 
+def load_toml(path: Path) -> dict:
+    """Read a TOML file; a syntax error names the file, the line and the column.
+
+    Raises
+    ------
+    LaunchError
+        ``<file>: TOML syntax error at line L, column C: <what>``, or a missing file.
+    """
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LaunchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LaunchError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def app_config_defaults(app_dir: Path) -> dict[str, object]:
+    """The app's ``[tool.flwr.app.config]`` (every key and default); check ``app_dir`` is the fedsec app.
+
+    Raises
+    ------
+    LaunchError
+        When ``app_dir`` holds no Flower app's ``pyproject.toml``.
+    """
+    pyproject = Path(app_dir) / "pyproject.toml"
+    hint = "run from the fedsec checkout (the folder with its pyproject.toml) or pass --app <that folder>"
+    if not pyproject.exists():
+        raise LaunchError(f"{Path(app_dir).resolve()} is not the fedsec app folder (no pyproject.toml); {hint}")
+    data = load_toml(pyproject)
+    app = data.get("tool", {}).get("flwr", {}).get("app", {})
+    if "components" not in app or "config" not in app:
+        raise LaunchError(f"{pyproject} has no [tool.flwr.app] with components and config; {hint}")
+    return dict(app["config"])
+
+
+def failure_cause(log_text: str) -> str:
+    """The ServerApp's error from a Flower log: the last exception line of the last traceback, or ``""``.
+
+    ``flwr run --stream`` exits 0 even when the ServerApp raises; its log holds
+    the traceback and ``Exit Code: 700``.
+    """
+    lines = [re.sub(r"^\[\s*[\d.]+s\]\s?", "", ln.rstrip()) for ln in log_text.splitlines()]
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in lines]
+    exc_re = re.compile(
+        r"^([A-Za-z_][\w.]*(?:Error|Exception|Failed|Mismatch|Unavailable|Interrupt|Exit))(?::\s?(.*))?$"
+    )
+    cause = ""
+    for ln in lines:
+        m = exc_re.match(ln.strip())
+        if m and not ln.startswith(" "):
+            cause = ln.strip()
+    if not cause and any("Exit Code:" in ln and "Exit Code: 0" not in ln for ln in lines):
+        cause = next(ln.strip() for ln in reversed(lines) if "Exit Code:" in ln)
+    return cause
+
+
+def resolve_run_dir(values: dict[str, object], env: dict[str, str]) -> Path:
+    """The absolute run directory: ``run-dir`` (relative to the working directory), or a stamped one."""
+    raw = str(values.get("run-dir", "") or "")
+    if not raw:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-{values.get('attack', 'none')}-{values.get('strategy', 'fedavg')}"
+        return (Path(env["FEDSEC_RUNS_ROOT"]) / name).resolve()
+    p = Path(raw).expanduser()
+    return (p if p.is_absolute() else Path.cwd() / p).resolve()
+
+
+def prepare(
+    app_dir: Path,
+    overrides: dict[str, object],
+    config_file: Path | None = None,
+    num_supernodes: int = 10,
+    overwrite: bool = False,
+    env: dict[str, str] | None = None,
+):
+    """Everything before Flower starts: read and check the whole config, claim the run directory.
+
+    Returns ``(values, cfg, run_dir)``; nothing is written unless ``overwrite``
+    moves a previous run aside (to ``<run-dir>.replaced-<time>``, never deleted).
+
+    Raises
+    ------
+    LaunchError, ConfigError, fedsec.rundir.RunDirError
+        One line each: what is wrong and how to fix it.
+    """
+    from fedsec.preflight import check_config, check_keys
+    from fedsec.rundir import RunDirError, claim, move_aside
+
+    env = env if env is not None else flower_env(Path(app_dir).resolve())
+    defaults = app_config_defaults(app_dir)
+    values: dict[str, object] = {}
+    if config_file is not None:
+        values.update(load_toml(Path(config_file)))
+    values.update(overrides)
+    check_keys(values, defaults)  # unknown keys and wrong types, before any heavy import
+    run_dir = resolve_run_dir(values, env)
+    values["run-dir"] = str(run_dir)
+    cfg = check_config(values, num_nodes=num_supernodes)
+    try:
+        claim(run_dir, cfg.to_dict(), cfg.resume)
+    except RunDirError:
+        if not overwrite or cfg.resume:
+            raise
+        moved = move_aside(run_dir)
+        print(f"fedsec run: --overwrite: moved the previous contents of {run_dir} to {moved}", file=sys.stderr)
+        claim(run_dir, cfg.to_dict(), cfg.resume)
+    return values, cfg, run_dir
+
+
 def run(
     app_dir: Path,
     overrides: dict[str, object],
@@ -284,6 +475,7 @@ def run(
     cpus_per_client: float = 1.0,
     gpus_per_client: float = 0.0,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run one experiment and return its ``summary.json``.
 
@@ -299,26 +491,23 @@ def run(
         Simulated clients.
     cpus_per_client, gpus_per_client : float
         Ray resources per client (fractional GPUs allowed).
+    quiet : bool
+        No progress bar, no error lines echoed.
+    overwrite : bool
+        Move a finished or other run in ``run-dir`` aside (``<run-dir>.replaced-<time>``) and start anew.
+
+    Raises
+    ------
+    ConfigError, fedsec.rundir.RunDirError, LaunchError
+        Before any Flower process starts.
+    RunFailed
+        The run started but wrote no fresh ``summary.json`` (the ServerApp's error in ``cause``).
     """
     from tqdm import tqdm
 
     app_dir = app_dir.resolve()
     env = flower_env(app_dir)
-    values: dict[str, object] = {}
-    if config_file is not None:
-        import tomllib
-
-        values.update(tomllib.loads(Path(config_file).read_text()))
-    values.update(overrides)
-    run_dir = Path(str(values.get("run-dir", "")) or "")
-    if not str(values.get("run-dir", "")):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = (
-            Path(env["FEDSEC_RUNS_ROOT"]) / f"{stamp}-{values.get('attack', 'none')}-{values.get('strategy', 'fedavg')}"
-        )
-    run_dir = run_dir if run_dir.is_absolute() else (Path.cwd() / run_dir)
-    run_dir = run_dir.resolve()
-    values["run-dir"] = str(run_dir)
+    values, cfg, run_dir = prepare(app_dir, overrides, config_file, num_supernodes, overwrite, env)
     run_dir.mkdir(parents=True, exist_ok=True)
     rc_str = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
     cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
@@ -330,19 +519,23 @@ def run(
     staged = stage_app(app_dir, Path(env["FLWR_HOME"]) / "staging")  # flwr run walks every file of its folder
     cmd = [_bin("flwr"), "run", str(staged), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
     log_path = run_dir / "flwr.log"
-    rounds = int(values.get("num-server-rounds", 0)) or None
+    rounds = cfg.num_server_rounds
     superlink_log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+    captured: list[str] = []
     try:
-        with LocalSuperLink(env, superlink_log), open(log_path, "w") as log:
+        # A resumed run keeps the interrupted run's log and appends to it.
+        with LocalSuperLink(env, superlink_log) as link, open(log_path, "a" if cfg.resume else "w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
             proc = subprocess.Popen(
                 cmd, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
+            link.watch(proc.pid)
             bar = tqdm(total=rounds, desc="rounds", unit="round", disable=quiet, file=sys.stdout, dynamic_ncols=True)
             seen: set[str] = set()
             assert proc.stdout is not None
             for line in proc.stdout:
+                captured.append(line)
                 log.write(f"[{time.time() - t0:7.1f}s] {line}")  # seconds since launch: start-up cost is visible
                 log.flush()
                 m = ROUND_RE.search(line)
@@ -353,18 +546,23 @@ def run(
                     bar.n = r
                     bar.set_postfix_str(f"clean_acc {m.group(3)}%  asr {m.group(4)}")
                     bar.refresh()
-                elif re.search(r"ERROR|Traceback|ConfigError", line) and not quiet:
+                elif re.search(r"ERROR|ConfigError", line) and not quiet:
                     tqdm.write(line.rstrip())
             rc = proc.wait()
             bar.close()
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     summary_path = run_dir / "summary.json"
-    if rc != 0 or not summary_path.exists():
-        raise RuntimeError(f"flwr run failed (exit {rc}); see {log_path}")
+    fresh = summary_path.exists() and summary_path.stat().st_mtime >= t0 - 1.0
+    cause = failure_cause("".join(captured))
+    if rc != 0 or not fresh or cause:
+        why = cause or (f"flwr run exited with {rc}" if rc else "no summary.json was written")
+        raise RunFailed(f"the run failed: {why}; full log: {log_path}", cause)
     summary = json.loads(summary_path.read_text())
     summary["launcher_wall_s"] = time.time() - t0
     summary["run_dir"] = str(run_dir)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    summary["failed_replies_total"] = int(sum(r.get("failed_replies", 0) or 0 for r in rows))
     return summary
 
 
@@ -377,11 +575,11 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         for part in shlex.split(item):
             key, sep, raw = part.partition("=")
             if not sep:
-                raise SystemExit(f"--run-config expects key=value, got {part!r}")
+                raise ConfigError(f"--run-config expects key=value, got {part!r}")
             try:
                 out[key] = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError:
-                out[key] = raw
+                out[key] = raw  # a bare word: a string (validation names the key if it should be a number)
     return out
 
 
@@ -398,20 +596,43 @@ def main(argv: list[str] | None = None) -> None:
         "--cpus-per-client", type=int, default=1, help="CPUs per simulated client (Flower takes an integer)"
     )
     ap.add_argument("--gpus-per-client", type=float, default=0.0)
-    args = ap.parse_args(argv)
-    summary = run(
-        Path(args.app),
-        parse_overrides(args.run_config),
-        Path(args.config) if args.config else None,
-        args.num_supernodes,
-        args.cpus_per_client,
-        args.gpus_per_client,
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run-dir holds a finished or another run: move it aside to <run-dir>.replaced-<time> and start anew",
     )
+    args = ap.parse_args(argv)
+    from fedsec.rundir import RunDirError
+
+    try:
+        summary = run(
+            Path(args.app),
+            parse_overrides(args.run_config),
+            Path(args.config) if args.config else None,
+            args.num_supernodes,
+            args.cpus_per_client,
+            args.gpus_per_client,
+            overwrite=args.overwrite,
+        )
+    except (ConfigError, RunDirError, LaunchError) as exc:
+        print(f"fedsec run: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunFailed as exc:
+        print(f"\nfedsec run: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    from fedsec.evaluation import format_table
+
     keys = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")
     extra = tuple(k for k in ("trigger_only_asr", "det_tpr", "det_fpr") if k in summary)
     print()
     print(format_table([summary], keys[:4] + keys[4:5] + extra + keys[5:]))
     print(f"\nrun directory: {summary['run_dir']}")
+    if summary.get("failed_replies_total"):
+        print(
+            f"warning: {summary['failed_replies_total']} client replies failed during the run "
+            "(failed_replies in metrics.jsonl; causes in flwr.log)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

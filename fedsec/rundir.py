@@ -75,7 +75,6 @@ class RunDir:
         rnd, arrays = last
         rows = [r for r in rd.metrics() if r.get("round", 0) <= rnd]
         (rd.path / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        (rd.path / "summary.json").unlink(missing_ok=True)
         return rd, rnd, arrays
 
     # ------------------------------------------------------------- writing
@@ -145,6 +144,138 @@ class RunDir:
         with np.load(ckpts[-1]) as z:
             arrays = {k: z[k] for k in z.files if k != "round"}
             return int(z["round"]), arrays
+
+
+class RunDirError(ValueError):
+    """A run directory belongs to another run, is finished, or holds nothing to resume."""
+
+
+#: Files a launcher or a failed start may leave in a directory that holds no run yet.
+_STARTUP_FILES = {"flwr.log", "config.json", "metrics.jsonl", "checkpoints", "attacker"}
+#: Keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = ("resume",)
+
+
+def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (JSON-compared), sorted.
+
+    Parameters
+    ----------
+    old, new : dict
+        Flat kebab-case configs (``config.json`` and the resolved new config).
+    ignore : tuple of str
+        Keys not compared.
+    """
+    a, b = json.loads(json.dumps(_clean(old))), json.loads(json.dumps(_clean(new)))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore or a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+def run_progress(path: Path) -> dict:
+    """What a directory holds: ``finished``, ``rounds`` checkpointed, ``triggers`` saved, ``config``."""
+    path = Path(path)
+    ckpts = sorted((path / "checkpoints").glob("round_*.npz")) if (path / "checkpoints").is_dir() else []
+    triggers = list((path / "attacker").rglob("*.pt")) if (path / "attacker").is_dir() else []
+    cfg_file = path / "config.json"
+    try:
+        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+    except (OSError, ValueError):
+        config = {}
+    rows = RunDir(path).metrics() if (path / "metrics.jsonl").exists() else []
+    return {
+        "finished": (path / "summary.json").exists(),
+        "rounds": [int(p.stem.split("_")[1]) for p in ckpts],
+        "triggers": len(triggers),
+        "rows": len(rows),
+        "config": config,
+        "foreign": sorted(p.name for p in path.iterdir() if p.name not in _STARTUP_FILES) if path.is_dir() else [],
+    }
+
+
+def claim(path: Path, config: dict, resume: bool) -> str:
+    """Decide whether a run with ``config`` may write into ``path``; raise :class:`RunDirError` if not.
+
+    A run directory is owned by one run. Nothing is written or removed here.
+
+    * ``resume=false``: ``path`` must be missing, empty, or hold only what a
+      start that failed before round 0 left (``flwr.log``, ``config.json``,
+      an empty ``metrics.jsonl``); a finished run, an unfinished run with
+      checkpoints, or unrelated files are refused.
+    * ``resume=true``: ``path`` must hold an unfinished run with a checkpoint
+      and the same config (every key but ``resume``); the differing keys are
+      listed otherwise.
+
+    Parameters
+    ----------
+    path : Path
+        The absolute run directory.
+    config : dict
+        The new run's resolved config (flat kebab-case).
+    resume : bool
+        The run config's ``resume``.
+
+    Returns
+    -------
+    str
+        ``"new"`` or ``"resume"``.
+    """
+    path = Path(path)
+    state = run_progress(path)
+    moved = "fedsec run --overwrite moves it aside"
+    if resume:
+        if not path.is_dir():
+            raise RunDirError(f"resume=true but run-dir {path} does not exist; drop resume=true to start a fresh run")
+        if state["finished"]:
+            raise RunDirError(
+                f"resume=true but run-dir {path} holds a finished run (summary.json); nothing to resume "
+                "(choose another run-dir for a new run)"
+            )
+        if not state["rounds"] or state["config"] is None:
+            raise RunDirError(
+                f"resume=true but run-dir {path} holds no checkpoint (checkpoints/round_*.npz and config.json); "
+                "check the path, or drop resume=true to start a fresh run"
+            )
+        diff = config_diff(state["config"], config)
+        if diff:
+            raise RunDirError(
+                f"resume=true but the config differs from the run in {path}: {'; '.join(diff)}; "
+                "resume with the run's own config (its config.json), or choose another run-dir"
+            )
+        return "resume"
+    if state["finished"]:
+        raise RunDirError(
+            f"run-dir {path} holds a finished run (summary.json); choose another run-dir, or {moved} "
+            "and starts a new run there"
+        )
+    if state["rounds"] or state["triggers"] or state["rows"]:
+        done = f"rounds up to {max(state['rounds'])}" if state["rounds"] else "partial output"
+        raise RunDirError(f"run-dir {path} holds an unfinished run ({done}); continue it with resume=true, or {moved}")
+    if state["foreign"]:
+        listed = ", ".join(state["foreign"][:3]) + (", ..." if len(state["foreign"]) > 3 else "")
+        raise RunDirError(
+            f"run-dir {path} is not empty and holds no fedsec run ({listed}); choose an empty or new folder"
+        )
+    return "new"
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename an existing run directory to ``<path>.replaced-<time>`` (nothing is deleted); return the new name."""
+    import time
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    path.rename(target)
+    return target
 
 
 def _savez_atomic(path: Path, **arrays: np.ndarray) -> None:

@@ -17,7 +17,10 @@ A grid file (``experiments/grids/*.toml``)::
 
 Each run's directory is named from its grid values; a run whose ``summary.json``
 exists is skipped, so a sweep killed at any point (even ``kill -9``) resumes
-where it stopped when started again (an unfinished run is started over).
+where it stopped when started again: an unfinished run continues from its newest
+checkpoint (``resume=true``), or, without one, is moved aside
+(``<name>.replaced-<time>``) and started over. A run that fails is listed with
+its reason below the report's table and in ``<name>.failed.md``.
 """
 
 from __future__ import annotations
@@ -119,25 +122,58 @@ def run_sweep(
     if dry_run:
         return []
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=sweep["name"], unit="run")
+    failures: dict[str, str] = {}
     for name, cfg in todo:
         bar.set_postfix_str(name)
         t0 = time.time()
         try:
             run(
                 app_dir,
-                {**cfg, "run-dir": str(root / name)},
+                {**cfg, "run-dir": str(root / name), **_continue(root / name, cfg)},
                 None,
                 int(sweep.get("num-supernodes", 10)),
                 float(sweep.get("cpus-per-client", 1.0)),
                 quiet=True,
+                overwrite=True,  # an unfinished cell that cannot be resumed is moved aside, never deleted
             )
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # RunFailed, ConfigError, RunDirError, LaunchError
+            failures[name] = str(getattr(exc, "cause", "") or exc)
             tqdm.write(f"run {name} failed after {time.time() - t0:.0f}s: {exc}")
         bar.update(1)
     bar.close()
     dirs = [root / n for n, _ in runs if (root / n / "summary.json").exists()]
     results = Path(results_dir) if results_dir else app_dir / "experiments" / "results"
-    return report(dirs, results / sweep["name"], grid_keys(grid))
+    write_failures(results / sweep["name"], failures)
+    if not dirs:
+        print(f"sweep {sweep['name']}: no run finished; failures in {results / sweep['name']}.failed.md")
+        return []
+    return report(dirs, results / sweep["name"], grid_keys(grid), failures=failures)
+
+
+def _continue(run_dir: Path, cfg: dict) -> dict:
+    """``{"resume": True}`` when ``run_dir`` holds an unfinished run of this cell with a checkpoint, else ``{}``."""
+    from fedsec.rundir import run_progress
+
+    if not run_dir.is_dir():
+        return {}
+    state = run_progress(run_dir)
+    if state["finished"] or max(state["rounds"], default=0) < 1 or not state["config"]:
+        return {}
+    same = all(state["config"].get(k) == v for k, v in cfg.items())
+    return {"resume": True} if same else {}
+
+
+def write_failures(out_stem: Path, failures: dict[str, str]) -> Path | None:
+    """Write the failed cells and their reasons to ``<out_stem>.failed.md`` (removed when none failed)."""
+    path = Path(str(out_stem) + ".failed.md")
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["| failed run | reason |", "|---|---|"]
+    lines += [f"| {n} | {r.replace('|', '/')} |" for n, r in failures.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _load(run_dir: Path) -> dict:
@@ -154,7 +190,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
 
 
-def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = None) -> list[dict]:
+def report(
+    run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = None, failures: dict[str, str] | None = None
+) -> list[dict]:
     """Aggregate runs into ``<out_stem>.csv``, ``.md`` and ``.png`` (mean ± std over seeds).
 
     Parameters
@@ -166,6 +204,8 @@ def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = 
     group_keys : list of str, optional
         Config keys that define a method (default: every key that differs
         between the runs, except ``seed`` and ``run-dir``).
+    failures : dict, optional
+        Run name -> reason of the runs that failed: listed below the table.
     """
     runs = [_load(Path(d)) for d in run_dirs]
     if not runs:
@@ -195,6 +235,9 @@ def report(run_dirs: list[Path], out_stem: Path, group_keys: list[str] | None = 
         writer.writerows(table)
     shown = tuple(group_keys) + tuple(m for m in METRICS if any(r[m] is not None for r in table)) + ("seeds",)
     md = format_table([{k: _key_cell(r[k]) if k in group_keys else _pm(r, k) for k in shown} for r in table], shown)
+    if failures:
+        md += "\n\n**Failed runs** (not in the table):\n\n| run | reason |\n|---|---|\n"
+        md += "\n".join(f"| {n} | {r.replace('|', '/')} |" for n, r in failures.items())
     out_stem.with_suffix(".md").write_text(md + "\n")
     _plot(groups, group_keys, out_stem.with_suffix(".png"))
     print(md)

@@ -16,6 +16,13 @@ SuperNode and a resumed run, whose node ids are new. ``state_dict`` /
 The reference applies the weights to a gradient sum; for model updates we use
 the weighted mean ``sum_i w_i u_i / sum_i w_i`` (equal to FedAvg's unweighted
 mean when every weight is 1). If every weight is 0 the global model is kept.
+
+As in the public reference implementations (the authors' code, FLPoison,
+BackFed), each update's L2 norm is capped at ``foolsgold-norm-cap`` (default
+1.0; 0 = off) before it enters the history and the aggregate, so a boosted
+update cannot outweigh the others by its size. Similarities within
+:data:`SIMILARITY_TOL` of each other count as equal: identical histories give
+the same (zero) weights whatever the float rounding of their cosines.
 """
 
 from __future__ import annotations
@@ -38,6 +45,29 @@ from strategies.common import (
 from strategies.registry import StrategyContext, register_strategy
 
 _EPS = 1e-5
+#: Cosine similarities closer than this count as equal (pardoning, ``1 - max similarity``).
+SIMILARITY_TOL = 1e-9
+
+
+def cap_norms(updates: NDArray, cap: float) -> NDArray:
+    """Scale every row of ``updates`` with an L2 norm above ``cap`` down to ``cap`` (``cap <= 0``: unchanged).
+
+    Parameters
+    ----------
+    updates : NDArray
+        Shape ``(n, d)``.
+    cap : float
+        Largest L2 norm kept.
+
+    Returns
+    -------
+    NDArray
+        A new array of the same shape.
+    """
+    if cap <= 0:
+        return np.array(updates, dtype=np.float64)
+    norms = np.linalg.norm(updates, axis=1, keepdims=True)
+    return updates * np.minimum(1.0, cap / np.maximum(norms, np.finfo(np.float64).tiny))
 
 
 def foolsgold_weights(histories: NDArray) -> NDArray:
@@ -57,13 +87,16 @@ def foolsgold_weights(histories: NDArray) -> NDArray:
     norms = np.linalg.norm(histories, axis=1, keepdims=True)
     unit = histories / np.maximum(norms, np.finfo(np.float64).tiny)
     cs = unit @ unit.T - np.eye(n)
+    # Snap similarities to the tolerance grid: identical histories get identical cosines.
+    cs = np.round(cs / SIMILARITY_TOL) * SIMILARITY_TOL
     maxcs = np.max(cs, axis=1) + _EPS
     # Pardoning: lower the similarity of i to j when j is more similar to someone else.
     for i in range(n):
         for j in range(n):
-            if i != j and maxcs[i] < maxcs[j]:
+            if i != j and maxcs[i] < maxcs[j] - SIMILARITY_TOL:
                 cs[i, j] = cs[i, j] * maxcs[i] / maxcs[j]
     wv = 1.0 - np.max(cs, axis=1)
+    wv[wv < SIMILARITY_TOL] = 0.0  # a history (nearly) identical to another's
     wv = np.clip(wv, 0.0, 1.0)
     top = float(np.max(wv))
     if top <= 0.0:
@@ -116,13 +149,18 @@ class FoolsGold(GlobalArraysFedAvg):
     #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
     reports_detection = True
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, norm_cap: float = 1.0, **kwargs: object) -> None:
         super().__init__(**kwargs)
+        self.norm_cap = float(norm_cap)
         self.histories: dict[int, NDArray] = {}
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> FoolsGold: per-client update histories, pardoning, logit weights")
+        log(
+            INFO,
+            "\t├──> FoolsGold: per-client update histories, pardoning, logit weights, norm cap %s",
+            self.norm_cap or "off",
+        )
         super().summary()
 
     def state_dict(self) -> dict[str, NDArray]:
@@ -143,6 +181,7 @@ class FoolsGold(GlobalArraysFedAvg):
         if started is None:
             return None, None
         valid, updates = started
+        updates = cap_norms(updates, self.norm_cap)  # as the reference implementations, before history and aggregate
         global_arrays = self.require_global_arrays()
         contents = [m.content for m in valid]
         ids = [node_id(m) for m in valid]
@@ -161,7 +200,7 @@ class FoolsGold(GlobalArraysFedAvg):
         return unflatten_arrays(base + foolsgold_aggregate(updates, weights), global_arrays), metrics
 
 
-@register_strategy("foolsgold")
+@register_strategy("foolsgold", params={"foolsgold-norm-cap": 1.0})
 def foolsgold(sctx: StrategyContext) -> FoolsGold:
-    """FoolsGold against sybils (similar update histories)."""
-    return FoolsGold(**sctx.fedavg_kwargs())
+    """FoolsGold against sybils (similar update histories); updates capped at ``foolsgold-norm-cap`` (0 = off)."""
+    return FoolsGold(norm_cap=float(sctx.cfg.get("foolsgold-norm-cap")), **sctx.fedavg_kwargs())

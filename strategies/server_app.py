@@ -16,7 +16,8 @@ from fedsec.config import RunConfig
 from fedsec.evaluation import Evaluation
 from fedsec.grid import fast_polling
 from fedsec.node import seed_everything
-from fedsec.rundir import RunDir
+from fedsec.preflight import check_config, check_nodes
+from fedsec.rundir import RunDir, claim
 from fedsec.synthetic import synthetic_provider
 from strategies.recorder import Recorder
 from strategies.registry import StrategyContext, build_strategy
@@ -26,21 +27,76 @@ app = ServerApp()
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
-    t0 = time.time()
+    t0 = last_note = time.time()
     while True:
         n = len(list(grid.get_node_ids()))
         if n >= minimum or time.time() - t0 > timeout_s:
             return n
+        if time.time() - last_note >= 10.0:
+            last_note = time.time()
+            log(
+                WARNING,
+                "[fedsec] waiting for nodes: %d of min-train-nodes=%d connected after %.0f s (gives up after %.0f s)",
+                n,
+                minimum,
+                time.time() - t0,
+                timeout_s,
+            )
         time.sleep(1.0)
+
+
+class MaliciousClientsFailed(RuntimeError):
+    """Every malicious client of a round failed: the attack did not run, its figures would be meaningless."""
+
+
+def malicious_failure(info: dict, malicious: list[int], known: dict[int, int], reasons: list[str]) -> str | None:
+    """Why a round's attack did not run (every malicious client sent an error reply), or ``None``.
+
+    Parameters
+    ----------
+    info : dict
+        The round's facts from :class:`strategies.recorder.Recorder` (``partitions``: node id ->
+        partition id of the replies that arrived, ``failed_nodes``, ``failed_replies``, ``num_sent``).
+    malicious : list of int
+        The malicious partition ids (the evaluation's knowledge; no strategy sees it).
+    known : dict[int, int]
+        Node id -> partition id seen in earlier rounds (updated here).
+    reasons : list of str
+        The error replies' reasons this round (from reply validation).
+
+    Returns
+    -------
+    str or None
+        One line naming the round's failure, or ``None`` when a malicious client replied or
+        the failures cannot be attributed to the malicious clients.
+    """
+    known.update(info.get("partitions", {}))
+    if not malicious or not info.get("failed_replies"):
+        return None
+    if any(pid in malicious for pid in info.get("partitions", {}).values()):
+        return None
+    failed = set(info.get("failed_nodes", []))
+    failed_mal = {known[n] for n in failed if n in known and known[n] in malicious}
+    everyone_sampled = info.get("num_sent", 0) >= len(known) and not (set(known) - failed - set(info["partitions"]))
+    if not failed_mal and not everyone_sampled:
+        return None
+    why = reasons[0] if reasons else "error reply"
+    return (
+        f"every malicious client failed ({info['failed_replies']} error replies of {info.get('num_sent', 0)}; "
+        f"malicious partitions {malicious}): {why}"
+    )
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated prompt learning as configured by ``context.run_config``."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = check_config(context.run_config)  # the launcher ran the same checks before Flower started
     grid = fast_polling(grid)  # a deployment's grid polls for replies every 0.5 s, not Flower's 3 s
     path = cfg.resolved_run_dir(context.run_id)
+    claim(path, cfg.to_dict(), cfg.resume)  # a run directory holds one run
     reopened = RunDir.reopen(path) if cfg.resume else None
+    if reopened is not None and reopened[1] == 0:
+        reopened = None  # only round 0 was checkpointed: start afresh (keeps one round-0 row)
     done, arrays = (reopened[1], reopened[2]) if reopened else (0, {})
     run_dir = reopened[0] if reopened else RunDir.create(path, cfg.to_dict())
     log(INFO, "[fedsec] run directory: %s%s", run_dir.path, f" (resuming after round {done})" if done else "")
@@ -48,12 +104,23 @@ def main(grid: Grid, context: Context) -> None:
     # Clients run one thread each; the server evaluates while they wait: use every core.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     num_nodes = _wait_for_nodes(grid, cfg.min_train_nodes)
+    check_nodes(cfg, num_nodes)
     evaluation = Evaluation(cfg, run_dir, num_nodes)
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
 
     synthetic = synthetic_provider(cfg, evaluation.classnames, evaluation.clip.image_size, run_dir.path / "attacker")
     sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg), synthetic_data=synthetic)
-    strategy = Recorder(_validated(build_strategy(sctx)), evaluation.note_round, round_offset=done)
+    known_nodes: dict[int, int] = {}
+
+    def note_round(info: dict) -> None:
+        validated = strategy.inner
+        reasons = [r for _, r in getattr(validated, "last_rejected", []) if r.startswith("error reply")]
+        problem = malicious_failure(info, evaluation.malicious, known_nodes, reasons)
+        if problem is not None:
+            raise MaliciousClientsFailed(problem)
+        evaluation.note_round(info)
+
+    strategy = Recorder(_validated(build_strategy(sctx), cfg.max_weight_ratio), note_round, round_offset=done)
     if done:
         evaluation.restore(arrays)
         saved = run_dir.strategy_state(done)
@@ -137,10 +204,10 @@ def server_root_update(cfg: RunConfig):
     return update
 
 
-def _validated(strategy):
-    """Wrap ``strategy`` in update validation when available."""
+def _validated(strategy, max_weight_ratio: float = 0.0):
+    """Wrap ``strategy`` in update validation (reported weights bounded at ``max_weight_ratio`` x the median)."""
     try:
         from strategies.validation import Validated
     except ImportError:
         return strategy
-    return Validated(strategy)
+    return Validated(strategy, max_weight_ratio=max_weight_ratio)

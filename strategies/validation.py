@@ -33,6 +33,33 @@ DEFAULT_MAX_NUM_EXAMPLES = 1e12
 REJECTED_KEY = "rejected-replies"
 
 
+def cap_weights(weights: list[float], ratio: float) -> list[float]:
+    """Bound client-reported weights at ``ratio`` times their median (``ratio <= 0``: unchanged).
+
+    The server cannot verify a client's ``num-examples``; an attacker who
+    reports a huge one takes over a FedAvg-weighted aggregate. Capping at a
+    multiple of the round's median keeps honest variation (up to ``ratio``
+    times a typical client) and bounds what a minority of liars can claim: with
+    fewer than half of the replies lying, the median is an honest client's.
+
+    Parameters
+    ----------
+    weights : list of float
+        The accepted replies' weights.
+    ratio : float
+        Multiple of the median kept (run-config ``max-weight-ratio``).
+
+    Returns
+    -------
+    list of float
+        The bounded weights, in the same order.
+    """
+    if ratio <= 0 or not weights:
+        return list(weights)
+    cap = ratio * float(np.median(weights))
+    return [min(float(w), cap) for w in weights]
+
+
 def check_weight(metrics: MetricRecord, weight_key: str, max_value: float = DEFAULT_MAX_NUM_EXAMPLES) -> str | None:
     """Why ``metrics[weight_key]`` is not a usable weight, or None if it is.
 
@@ -228,6 +255,9 @@ class Validated(StrategyWrapper):
         Largest accepted serialized size of a reply's arrays.
     max_num_examples : float
         Largest accepted ``num-examples``.
+    max_weight_ratio : float
+        Weights above this multiple of the round's median weight are lowered to it
+        (:func:`cap_weights`; 0 = off). The ServerApp passes run-config ``max-weight-ratio``.
 
     Attributes
     ----------
@@ -242,10 +272,12 @@ class Validated(StrategyWrapper):
         inner: Strategy,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES,
+        max_weight_ratio: float = 0.0,
     ) -> None:
         self.inner = inner
         self.max_bytes = max_bytes
         self.max_num_examples = max_num_examples
+        self.max_weight_ratio = float(max_weight_ratio)
         self.reference: ArrayRecord | None = None
         self.last_rejected: list[tuple[int, str]] = []
         self.last_rejected_evaluate: list[tuple[int, str]] = []
@@ -313,6 +345,7 @@ class Validated(StrategyWrapper):
         # and float sums in another order differ in the last bits, which training amplifies over rounds.
         accepted.sort(key=_reply_order)
         clean = self._harmonised_copies(accepted, reference)
+        self._bound_weights(clean)
         try:
             arrays, inner_metrics = self.inner.aggregate_train(server_round, clean)
         except (InconsistentMessageReplies, AggregationError) as exc:
@@ -349,6 +382,26 @@ class Validated(StrategyWrapper):
             return None
 
     # -- helpers ------------------------------------------------------------------
+    def _bound_weights(self, clean: list[Message]) -> None:
+        """Lower reported weights above ``max_weight_ratio`` x the median, in the copies ``clean``."""
+        if self.max_weight_ratio <= 0 or self.weight_key not in clean[0].content["metrics"]:
+            return
+        weights = [float(m.content["metrics"][self.weight_key]) for m in clean]  # type: ignore[arg-type]
+        bounded = cap_weights(weights, self.max_weight_ratio)
+        for msg, before, after in zip(clean, weights, bounded, strict=True):
+            if after < before:
+                log(
+                    WARNING,
+                    "validation: node %d reported %s=%g, above %g x the median: counted as %g",
+                    node_id(msg),
+                    self.weight_key,
+                    before,
+                    self.max_weight_ratio,
+                    after,
+                )
+                old = msg.content["metrics"][self.weight_key]
+                msg.content["metrics"][self.weight_key] = int(after) if isinstance(old, int) else after
+
     def _harmonised_copies(self, accepted: list[Message], reference: ArrayRecord | None) -> list[Message]:
         """Copies of ``accepted`` with only the shared metric keys and arrays in reference order."""
         keys = common_metric_keys([m.content["metrics"] for m in accepted])

@@ -239,6 +239,9 @@ def create_clip(
                 f"checkpoint {source} has SHA-256 {digest}, expected {sha}: "
                 "every node must load the identical frozen model"
             )
+        from fedsec.models.checkpoint import check_checkpoint
+
+        check_checkpoint(model_name, source)  # unreadable file or another architecture: one clear error
     elif source:
         known = open_clip.list_pretrained_tags_by_model(model_name)
         if source not in known:
