@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -26,6 +27,20 @@ needs_fmnist = pytest.mark.skipif(
     not FMNIST.exists() and not os.environ.get("CI"),
     reason="dataset-fashion-mnist not installed (CI installs it)",
 )
+
+
+@pytest.fixture(autouse=True)
+def _gc_sees_only_this_test():
+    """Freeze what earlier tests and imports left, so a ``gc.collect()`` inside a test walks only its own objects.
+
+    Flower's ``ArrayRecord.to_numpy_ndarrays(keep_input=False)`` (used by its Bulyan, for one)
+    forces a full collection per reply; in a test process holding torch, open_clip, hypothesis
+    and session fixtures each one took up to seconds. Unfrozen after the test: the interpreter's
+    own generational collection then treats those objects as usual.
+    """
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
