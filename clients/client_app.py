@@ -11,30 +11,25 @@ unless ``bounds-client-training = false``.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsec.activation_bounds import bounded
-from fedsec.attacks import get_attack, malicious_partitions
-from fedsec.config import RunConfig
-from fedsec.node import (
-    bounds_from_content,
-    clip_for,
-    get_ctx,
-    local_data_for,
-    local_data_under_bounds,
-    prompt_model_for,
-    seed_everything,
-    set_ctx,
-    training_bounds,
-)
-from fedsec.training import accuracy_on_features
+if TYPE_CHECKING:
+    from fedsec.config import RunConfig
+
+# Everything else (torch, open_clip, fedsec's attacks, data and models) is imported inside the
+# handlers: a deployment runs every message in a fresh process, and importing this module (which
+# Flower does before it calls a handler) stays cheap and pulls in no attack, strategy or defense
+# module (``tests/test_client_imports.py``).
 
 app = ClientApp()
 
 
 def _node(context: Context) -> tuple[RunConfig, int, int]:
+    from fedsec.config import RunConfig
+
     cfg = RunConfig.from_mapping(context.run_config)
     pid = int(context.node_config.get("partition-id", 0))
     n = int(context.node_config.get("num-partitions", 1))
@@ -45,6 +40,20 @@ def _node(context: Context) -> tuple[RunConfig, int, int]:
 def train(msg: Message, context: Context) -> Message:
     """Train ``ctx`` locally from the received global ``ctx``."""
     t0 = time.perf_counter()
+    from fedsec.activation_bounds import bounded
+    from fedsec.attacks import get_attack, malicious_partitions
+    from fedsec.node import (
+        bounds_from_content,
+        clip_for,
+        get_ctx,
+        local_data_for,
+        local_data_under_bounds,
+        prompt_model_for,
+        seed_everything,
+        set_ctx,
+        training_bounds,
+    )
+
     cfg, pid, n = _node(context)
     server_round = int(msg.content["config"].get("server-round", 0))
     seed = cfg.seed * 100_003 + server_round * 1_009 + pid
@@ -75,6 +84,17 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the received global ``ctx`` on this client's local data."""
+    from fedsec.activation_bounds import bounded
+    from fedsec.node import (
+        bounds_from_content,
+        clip_for,
+        local_data_for,
+        local_data_under_bounds,
+        prompt_model_for,
+        set_ctx,
+    )
+    from fedsec.training import accuracy_on_features
+
     cfg, pid, n = _node(context)
     data, classnames = local_data_for(cfg, pid, n)
     model = prompt_model_for(cfg, tuple(classnames))

@@ -7,7 +7,9 @@ message in a fresh ``flwr-clientapp`` process (Flower 1.41), where these caches
 start empty: a client's k-shot data with its frozen features, and the parsed
 dataset split it is drawn from, are therefore also kept on disk
 (:mod:`fedsec.diskcache`, keyed by everything that determines them), so a
-process after the first skips the dataset, the partitioner and the encoding.
+process after the first skips the dataset, the partitioner and the encoding;
+the frozen CLIP of a local checkpoint comes from the same cache in a fast
+format (:mod:`fedsec.models.fastload`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fedsec.activation_bounds import ActivationBounds, bounded
 from fedsec.config import RunConfig
 from fedsec.data import ImageDataset, client_indices, k_shot_indices, load_dataset, prepare_images
 from fedsec.data.datasets import source_fingerprint
-from fedsec.models.factory import FrozenCLIP, cached_clip, pick_device
+from fedsec.models.factory import FrozenCLIP, pick_device
+from fedsec.models.fastload import cached_clip
 from fedsec.models.prompt import PromptCLIP, PromptLearner
 from fedsec.training import LocalData
 
