@@ -85,7 +85,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 class RunConfig:
     """Every run-config key, kebab-case in TOML, snake_case here.
 
-    See the README's run-config table for what each key means.
+    See docs/config.md for what each key means.
     """
 
     num_server_rounds: int = 20
