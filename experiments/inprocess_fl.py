@@ -4,7 +4,7 @@ FedAvg over ctx (weighted by examples) with the same data, partitions, model,
 local training (benign, or the configured attack wrapping it) and evaluation
 code as the ClientApp and ServerApp; ASR is measured on the test set with the
 attackers' newest trigger. Used for quick hyper-parameter checks and as the in-process side of
-the Flower-overhead benchmark (``experiments/bench_flower.py``).
+the Flower-overhead benchmark (``experiments/bench.py``).
 
 Run: ``.venv/bin/python experiments/inprocess_fl.py -c "lr=0.002 local-steps=25"``
 """

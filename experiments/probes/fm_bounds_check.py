@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/fm_bounds_check.py [--split test|train] [--run DIR] [--round N] SPEC ...
+    python experiments/probes/fm_bounds_check.py [--split test|train] [--run DIR] [--round N] SPEC ...
 
     SPEC = layers:granularity:quantile:data:steps[:penalty[:sides[:trim]]]
 

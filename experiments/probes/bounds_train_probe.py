@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/bounds_train_probe.py RUN_DIR ROUND [STEPS]
+    python experiments/probes/bounds_train_probe.py RUN_DIR ROUND [STEPS]
 
 Learns two-sided bounds on ``visual.ln_pre`` and the image blocks at the global prompt of
 ``RUN_DIR/checkpoints/round_ROUND.npz`` (as the server does in that round: the synthetic images the
