@@ -110,6 +110,14 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (non-zombie) process."""
     return _alive(pid)
@@ -136,6 +144,9 @@ class DeployConfig:
     database: str | None = None  # SuperLink state; default <work_dir>/state.db
     fresh_state: bool = True  # delete the SuperLink database before starting
     startup_timeout_s: float = 120.0
+    # ClientApp processes forked from a pre-imported parent (fedsec.warm_superexec; SuperNodes in
+    # --isolation process) instead of a fresh flwr-clientapp process per message
+    warm_clientapp: bool = False
 
     def __post_init__(self) -> None:
         self.app_dir = Path(self.app_dir).resolve()
@@ -219,7 +230,7 @@ class Deployment:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except (OSError, ValueError):
             pid, cmdline = 0, ""
-        if pid and "flower-" in cmdline and _alive(pid):
+        if pid and ("flower-" in cmdline or "fedsec.warm_superexec" in cmdline) and _alive(pid):
             self._say(f"stopping stale {name} (pid {pid}) from an earlier launcher")
             kill_tree(pid, grace_s=5.0)
         pid_file.unlink(missing_ok=True)
@@ -455,13 +466,31 @@ class Deployment:
                 if not cfg.node_key(pid).exists():
                     raise FileNotFoundError(f"{cfg.node_key(pid)} missing (the node's private key)")
                 cmd += ["--auth-supernode-private-key", str(cfg.node_key(pid))]
+        if cfg.warm_clientapp:
+            cmd += ["--isolation", "process"]  # the SuperNode starts no SuperExec: start_warm_superexec does
         env = dict(self.env, FLWR_HOME=str(self.flwr_home / name))
         # The SuperNode's flower-superexec asks its Runtime API for a task every 1 s by default.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
         proc = self._popen(name, cmd, env)
         if port not in self.ports:
             self.ports.append(port)
+        if cfg.warm_clientapp:
+            self.start_warm_superexec(pid, port, proc.pid, env)
         return proc
+
+    def start_warm_superexec(self, pid: int, port: int, supernode_pid: int, env: dict[str, str]) -> subprocess.Popen:
+        """Start ``fedsec.warm_superexec`` for the SuperNode of partition ``pid`` (its Runtime API on ``port``).
+
+        It exits with the SuperNode (``--parent-pid``) and is stopped by PID with everything else.
+        """
+        name = f"warm-superexec-{pid}"
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            kill_tree(old.pid, grace_s=5.0)
+        self._reap_stale(name)
+        cmd = [sys.executable, "-m", "fedsec.warm_superexec", "--runtime-api-address"]
+        cmd += [_hostport(self.cfg.node_host, port), "--insecure", "--parent-pid", str(supernode_pid)]
+        return self._popen(name, cmd, dict(env, PYTHONPATH=str(self.cfg.app_dir)))
 
     def clientapp_pids(self, pid: int) -> list[int]:
         """PIDs of the ``flwr-clientapp`` processes the SuperNode of partition ``pid`` runs now (a message in work)."""
@@ -469,6 +498,10 @@ class Deployment:
         if proc is None or proc.poll() is not None:
             return []
         out = []
+        warm = self.procs.get(f"warm-superexec-{pid}")
+        if warm is not None and warm.poll() is None:  # forkserver children run the messages
+            server = [c for c in descendants(warm.pid) if "forkserver" in _cmdline(c)]
+            return [c for s in server for c in descendants(s) if _alive(c)]
         for child in descendants(proc.pid):
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -706,6 +739,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--keep-state", action="store_true", help="keep the SuperLink database (registrations) from before"
     )
+    common.add_argument(
+        "--warm-clientapp",
+        action="store_true",
+        help="fork ClientApp processes from a pre-imported parent (fedsec.warm_superexec; SuperNodes in "
+        "--isolation process)",
+    )
     common.add_argument("--quiet", action="store_true")
     runargs = argparse.ArgumentParser(add_help=False)
     runargs.add_argument("--run-config", "-c", action="append", default=[], help="key=value run-config overrides")
@@ -739,6 +778,7 @@ def _config(args: argparse.Namespace) -> DeployConfig:
         node_port_base=args.node_port_base,
         connection=args.connection,
         fresh_state=not args.keep_state,
+        warm_clientapp=args.warm_clientapp,
     )
 
 
