@@ -101,3 +101,44 @@ def update_stealth(updates: dict[int, np.ndarray], malicious: Iterable[int]) -> 
         out["mal_cos_dist"] = float(np.mean([cos_dist(updates[k]) for k in mal]))
         out["mal_norm"] = float(np.mean([np.linalg.norm(updates[k]) for k in mal]))
     return out
+
+
+def target_rates(
+    triggered: torch.Tensor | np.ndarray,
+    clean: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    target: int,
+    prompts: dict[str, torch.Tensor | np.ndarray],
+) -> dict[str, float]:
+    """The ASR of every prompt on triggered images, and the global prompt's target rate on clean ones.
+
+    A backdoor's ASR only means something against two baselines (BadPromptFL,
+    arXiv 2508.08040, reports both): what the trigger does *alone* — under the
+    hand-written zero-shot prompt and under the benign-only prompt — and how
+    often clean images already land on the target.
+
+    Parameters
+    ----------
+    triggered, clean : array, ``n x E``
+        L2-normalised image features of the same ``n`` images with and without the trigger.
+    labels : array, ``n``
+        True labels (images of the target class are left out of every rate).
+    target : int
+        The backdoor target class.
+    prompts : dict
+        Name -> class text features ``C x E`` (L2-normalised); must hold ``"global"``.
+
+    Returns
+    -------
+    dict
+        ``asr_<name>`` for every prompt (triggered images predicted as ``target``) and
+        ``clean_target_rate`` (clean images predicted as ``target`` under the global prompt).
+    """
+    triggered, clean = np.asarray(triggered, dtype=np.float64), np.asarray(clean, dtype=np.float64)
+    out = {}
+    for name, text in prompts.items():
+        pred = (triggered @ np.asarray(text, dtype=np.float64).T).argmax(-1)
+        out[f"asr_{name}"] = attack_success_rate(pred, labels, target)
+    pred_clean = (clean @ np.asarray(prompts["global"], dtype=np.float64).T).argmax(-1)
+    out["clean_target_rate"] = attack_success_rate(pred_clean, labels, target)
+    return out

@@ -187,3 +187,25 @@ def test_badpromptfl_stealth_term_keeps_clean_predictions_closer_to_the_global_p
     free, stealthy = clean_drift(0.0), clean_drift(50.0)
     # Assert: the KL between the clean predictions before and after local training shrinks
     assert stealthy < free
+
+
+def test_trigger_baselines_and_clean_target_rate_on_a_hand_built_case():
+    # Prepare: 3 classes, target 0, features in 2-D. The global prompt maps the triggered direction
+    # [1, 0] to the target; the zero-shot prompt maps it to class 1. One clean image already lies
+    # near the target's text feature; the target-class image is left out of every rate.
+    from fedsec.metrics import target_rates
+
+    global_text = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    zero_shot_text = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
+    labels = np.array([0, 1, 1, 2, 2])
+    triggered = np.array([[1.0, 0.0]] * 4 + [[-1.0, -0.1]])  # the last image resists the trigger
+    clean = np.array([[0.0, 1.0], [0.0, 1.0], [0.99, 0.14], [-1.0, 0.0], [0.0, 1.0]])
+
+    # Execute
+    out = target_rates(triggered, clean, labels, 0, {"global": global_text, "zero_shot": zero_shot_text})
+
+    # Assert: 4 non-target images; 3 triggered ones go to 0 under the global prompt, none under the
+    # zero-shot prompt (it sends [1, 0] to class 1, the last one to class 2); 1 clean one goes to 0
+    assert out["asr_global"] == pytest.approx(3 / 4)
+    assert out["asr_zero_shot"] == 0.0
+    assert out["clean_target_rate"] == pytest.approx(1 / 4)
