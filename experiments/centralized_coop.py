@@ -4,7 +4,9 @@ Trains one prompt on k-shot-per-class examples drawn from the clients' pool
 (the same pool and k as the federated default) and reports zero-shot and
 CoOp accuracy on the test split. Writes ``experiments/results/centralized_coop.json``.
 
-Run: ``.venv/bin/python experiments/centralized_coop.py [--steps 500]``
+Run: ``.venv/bin/python experiments/centralized_coop.py [--steps 500]``; on model v2 with one shared
+context: ``.venv/bin/python experiments/centralized_coop.py -c "model='fedsec-tiny-clip-v2' class-specific=false"
+--out experiments/results/centralized_coop_v2_shared.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedsec.training import train_on_features
 
 
 def main() -> None:
+    """Train and evaluate centralized CoOp over ``--seeds`` and write the summary."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--k-shot", type=int, default=16)
     ap.add_argument("--steps", type=int, default=500)
@@ -75,7 +78,7 @@ def main() -> None:
         "k_shot": args.k_shot,
         "steps": args.steps,
         "lr": args.lr,
-        "config": {k: cfg.get(k) for k in ("n-ctx", "ctx-init", "class-specific", "class-token-position")},
+        "config": {k: cfg.get(k) for k in ("model", "n-ctx", "ctx-init", "class-specific", "class-token-position")},
         "runs": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

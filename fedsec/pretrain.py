@@ -1,34 +1,46 @@
-"""Contrastively pretrain the embedded tiny CLIP (``fedsec-tiny-clip``).
+"""Contrastively pretrain the embedded tiny CLIP (``fedsec-tiny-clip``, ``fedsec-tiny-clip-v2``).
 
-Run ``python -m fedsec.pretrain`` (about 13 minutes on 2 CPU cores). It is
-deterministic from ``--seed`` on a given machine and writes
-``fedsec/models/weights/fedsec-tiny-clip.pt`` (fp16 state dict) plus a
-manifest with its SHA-256, the exact command and the measured zero-shot
-accuracy.
+Run ``python -m fedsec.pretrain`` for v1 (about 14 minutes on 2 CPU cores) or
+``python -m fedsec.pretrain --model fedsec-tiny-clip-v2 --canonical-share S
+--bf16 --threads 2`` for v2 (see ``docs/embedded-model.md`` for the exact
+command and the chosen ``S``). It is deterministic from ``--seed`` on a given
+machine and thread count and writes ``fedsec/models/weights/<model>.pt`` (fp16
+state dict) plus a manifest with its SHA-256, the exact command, the caption
+recipe and the measured zero-shot accuracy.
 
 Corpus: the ``pretrain`` half of Fashion-MNIST's train split (30,000 images,
 disjoint from the clients' ``train`` half and from the ``test`` split), each
-image paired with a caption drawn from 16 templates x 10 synonyms of its class
-(:mod:`fedsec.models.captions`). The captions never use the canonical class
-names, so zero-shot prompts with the canonical names are weak, as real CLIP is
-on hard datasets, and prompt learning has something to learn.
+image paired with captions drawn from its class's caption pool
+(:func:`fedsec.models.captions.caption_pool`): 16 templates x 10 synonyms,
+of which a share ``--canonical-share`` is replaced by captions with the
+canonical class name (0 for v1, whose captions never use the canonical names).
+
+Model selection without the test set: ``--holdout N`` keeps ``N`` images of
+the pretraining split out of training (a seeded choice) and reports, after
+every epoch, zero-shot accuracy and shared-context 16-shot CoOp accuracy on
+them (``--no-test-eval`` skips the test-set figure of the manifest).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedsec.data import load_dataset, prepare_images
-from fedsec.models.captions import SYNONYMS, TEMPLATES
-from fedsec.models.factory import WEIGHTS_DIR, create_clip, register_configs, sha256_file
+from fedsec.data import k_shot_indices, load_dataset, prepare_images
+from fedsec.models.captions import TEMPLATES, caption_pool, uses_canonical_name
+from fedsec.models.factory import WEIGHTS_DIR, FrozenCLIP, create_clip, register_configs, sha256_file
+
+#: Seed of the choice of held-out validation images inside the pretraining split.
+HOLDOUT_SEED = 12345
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -49,6 +61,80 @@ def zero_shot_accuracy(clip, classnames: list[str], template: str = "a photo of 
     return float((pred == test.labels).mean())
 
 
+def holdout_split(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, validation)`` of the pretraining split; ``holdout`` images go to validation.
+
+    Parameters
+    ----------
+    n : int
+        Size of the pretraining split.
+    holdout : int
+        Validation images (0: everything trains).
+    """
+    if holdout <= 0:
+        return np.arange(n), np.arange(0)
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+@torch.no_grad()
+def _frozen(model: torch.nn.Module, tokenizer, name: str) -> FrozenCLIP:
+    """A frozen eval-mode copy of a model under training, as a :class:`FrozenCLIP`."""
+    import open_clip
+
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    mean, std = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+    return FrozenCLIP(frozen, tokenizer, name, "", "", "", 32, mean, std)
+
+
+def validate(
+    clip: FrozenCLIP,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    classnames: list[str],
+    k_shot: int = 16,
+    steps: int = 500,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Zero-shot and shared-context CoOp accuracy on held-out pretraining images.
+
+    ``k_shot`` images per class train a shared 4-token context (init ``a photo
+    of a``, SGD lr 0.002, momentum 0.9, batch 32, as ``experiments/centralized_coop.py``);
+    both figures are measured on the other held-out images.
+
+    Parameters
+    ----------
+    clip : FrozenCLIP
+        The model to validate.
+    images : torch.Tensor
+        Held-out images in ``[0, 1]`` at 32 px.
+    labels : np.ndarray
+        Their labels.
+    classnames : list of str
+        Canonical class names.
+    k_shot, steps, seed : int
+        CoOp shots per class, steps and seed.
+    """
+    from fedsec.metrics import accuracy, predict
+    from fedsec.metrics import zero_shot_accuracy as zs_acc
+    from fedsec.models.prompt import PromptCLIP, PromptLearner
+    from fedsec.training import train_on_features
+
+    with torch.random.fork_rng():
+        feats = clip.encode_images_batched(images)
+        shots = k_shot_indices(labels, np.arange(len(labels)), k_shot, seed)
+        rest = np.setdiff1d(np.arange(len(labels)), shots)
+        y = torch.from_numpy(labels)
+        zs = zs_acc(clip, classnames, feats[rest], y[rest], "a photo of a {}.")
+        learner = PromptLearner(clip.model, clip.tokenizer, list(classnames), 4, "a photo of a", "end", False, seed)
+        model = PromptCLIP(clip, learner)
+        train_on_features(model, feats[shots], y[shots], steps, 32, 0.002, 0.9, 0.0, seed)
+        coop = accuracy(predict(model, feats[rest]), y[rest])
+    return {"val_zero_shot": zs, "val_coop_shared": coop}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Pretrain and write the checkpoint and its manifest."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,9 +147,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--out", default=str(WEIGHTS_DIR / "fedsec-tiny-clip.pt"))
+    ap.add_argument("--model", default="fedsec-tiny-clip", help="model config name (fedsec-tiny-clip, -v2)")
+    ap.add_argument("--canonical-share", type=float, default=0.0, help="share of captions with the canonical name")
+    ap.add_argument("--caption-seed", type=int, default=0, help="seed of the caption pools")
+    ap.add_argument("--holdout", type=int, default=0, help="pretraining images kept out for validation")
+    ap.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    ap.add_argument("--no-test-eval", action="store_true", help="do not measure test zero-shot (model selection)")
+    ap.add_argument("--out", default="", help="checkpoint path (default: fedsec/models/weights/<model>.pt)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(WEIGHTS_DIR / f"{args.model}.pt")
 
     from tqdm import tqdm
 
@@ -78,17 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     import open_clip
 
-    model = open_clip.create_model("fedsec-tiny-clip", pretrained=None)
-    tokenizer = open_clip.get_tokenizer("fedsec-tiny-clip")
+    model = open_clip.create_model(args.model, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(args.model)
     model.train()
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
     data = load_dataset("fashion-mnist", "pretrain")
-    images = prepare_images(data.images, 32, data.fit)
-    labels = torch.from_numpy(data.labels)
-    # Every (class, template, synonym) caption, tokenized once.
-    captions = [[t.format(s) for t in TEMPLATES for s in syns] for syns in SYNONYMS]
+    train_idx, val_idx = holdout_split(len(data), args.holdout)
+    all_images = prepare_images(data.images, 32, data.fit)
+    images = all_images[torch.from_numpy(train_idx)]
+    labels = torch.from_numpy(data.labels[train_idx])
+    val_images, val_labels = all_images[torch.from_numpy(val_idx)], data.labels[val_idx]
+    # Every class's caption pool, tokenized once (v1: all template x synonym captions).
+    captions = [caption_pool(c, args.canonical_share, seed=args.caption_seed) for c in range(len(data.classnames))]
     tokens = torch.stack([tokenizer(c) for c in captions])  # classes x captions x ctx
     n_cls, n_caps = tokens.shape[0], tokens.shape[1]
 
@@ -113,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     step = 0
-    bar = tqdm(total=total, desc="pretrain fedsec-tiny-clip", unit="step", file=sys.stdout, mininterval=5)
-    for _ in range(args.epochs):
+    bar = tqdm(total=total, desc=f"pretrain {args.model}", unit="step", file=sys.stdout, mininterval=5)
+    history = []
+    for epoch in range(args.epochs):
         perm = torch.randperm(len(labels), generator=gen)
         for b in range(steps_per_epoch):
             if step >= total:
@@ -149,6 +246,15 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+        if len(val_idx) and ((epoch + 1) % args.val_every == 0 or step >= total or epoch + 1 == args.epochs):
+            t_val = time.time()
+            val = validate(_frozen(model, tokenizer, args.model), val_images, val_labels, data.classnames)
+            val = {"epoch": epoch + 1, "step": step, **{k: round(v, 4) for k, v in val.items()}}
+            history.append(val)
+            t0 += time.time() - t_val  # validation is not training time
+            bar.write(json.dumps(val))
+        if step >= total:
+            break
     bar.close()
     wall = time.time() - t0
 
@@ -157,20 +263,37 @@ def main(argv: list[str] | None = None) -> None:
     state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save(state, out)
     digest = sha256_file(out)
-    clip = create_clip("fedsec-tiny-clip", str(out))
-    zs = zero_shot_accuracy(clip, data.classnames)
     argv_used = argv if argv is not None else sys.argv[1:]
     manifest = {
         "file": out.name,
         "sha256": digest,
         "command": "python -m fedsec.pretrain " + " ".join(argv_used),
+        "model": args.model,
         "seed": args.seed,
         "epochs": args.epochs,
-        "corpus": "fashion-mnist split 'pretrain' (30k, disjoint from clients and test); synonym captions",
+        "corpus": (
+            f"fashion-mnist split 'pretrain' ({len(train_idx)} of {len(data)} images, disjoint from clients and test)"
+        ),
+        "captions": {
+            "recipe": (
+                f"per class a pool of {tokens.shape[1]} captions: {len(TEMPLATES)} templates x 10 synonyms "
+                f"(fedsec.models.captions), a share {args.canonical_share} of the pool replaced by the templates "
+                "filled with the canonical class name; captions drawn uniformly from the pool"
+            ),
+            "canonical_share": args.canonical_share,
+            "canonical_captions_per_class": sum(map(uses_canonical_name, captions[0], [0] * len(captions[0]))),
+            "caption_seed": args.caption_seed,
+        },
+        "threads": torch.get_num_threads(),
+        "bf16": args.bf16,
         "train_wall_s": round(wall, 1),
         "torch": torch.__version__,
-        "zero_shot_acc_test": round(zs, 4),
     }
+    if history:
+        manifest["holdout"] = {"images": len(val_idx), "seed": HOLDOUT_SEED, "per_epoch": history}
+    if not args.no_test_eval:
+        clip = create_clip(args.model, str(out))
+        manifest["zero_shot_acc_test"] = round(zero_shot_accuracy(clip, data.classnames), 4)
     out.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
 

@@ -1,11 +1,16 @@
 """The pretraining captions of the embedded CLIP.
 
-The captions describe Fashion-MNIST classes with synonyms and never use the
-canonical class names (or their word pieces such as "shirt", "coat", "boot",
-"bag"), so a hand-written zero-shot prompt with the canonical names is only
-loosely aligned with the images. That leaves room for prompt learning, as on
-real CLIP and hard datasets: the learned context must find where the classes
-lie in text-embedding space.
+Version 1 (``fedsec-tiny-clip``): the captions describe Fashion-MNIST classes
+with synonyms and never use the canonical class names (or their word pieces
+such as "shirt", "coat", "boot", "bag"), so a hand-written zero-shot prompt
+with the canonical names is near chance.
+
+Version 2 (``fedsec-tiny-clip-v2``): a fixed share of every class's captions
+use the canonical class name (:data:`CANONICAL_NAMES`), the rest the synonyms.
+The model then knows the label words, but only loosely, as real CLIP does on a
+hard dataset: zero-shot with ``a photo of a {}.`` is well above chance and a
+learned (shared) prompt context still adds a lot. :func:`caption_pool` builds
+the per-class caption pool; pretraining draws captions uniformly from it.
 """
 
 from __future__ import annotations
@@ -130,3 +135,92 @@ SYNONYMS = [
         "suede high shoes",
     ],
 ]
+
+
+#: The canonical Fashion-MNIST class names (as :mod:`fedsec.data` names them), in label order.
+CANONICAL_NAMES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
+
+
+def synonym_captions(class_index: int) -> list[str]:
+    """Every ``template x synonym`` caption of one class (the v1 pool), template-major.
+
+    Parameters
+    ----------
+    class_index : int
+        Fashion-MNIST label.
+    """
+    return [t.format(s) for t in TEMPLATES for s in SYNONYMS[class_index]]
+
+
+def caption_pool(
+    class_index: int,
+    canonical_share: float = 0.0,
+    pool_size: int = len(TEMPLATES) * 10,
+    seed: int = 0,
+    canonical_names: list[str] | None = None,
+) -> list[str]:
+    """The caption pool of one class; pretraining samples captions uniformly from it.
+
+    ``round(canonical_share * pool_size)`` entries use the canonical class name
+    (cycling through :data:`TEMPLATES` from a seeded offset), the others are
+    distinct synonym captions (a seeded choice among the 160 ``template x
+    synonym`` combinations). With ``canonical_share=0`` and the default
+    ``pool_size`` the pool is exactly the v1 pool, in v1's order.
+
+    Parameters
+    ----------
+    class_index : int
+        Fashion-MNIST label.
+    canonical_share : float
+        Share of the pool that uses the canonical name, in ``[0, 1]``.
+    pool_size : int
+        Entries per class (at most 160 synonym captions can fill the rest).
+    seed : int
+        Seed of the choice of synonym captions and of the template offset.
+    canonical_names : list of str, optional
+        Override of :data:`CANONICAL_NAMES`.
+
+    Returns
+    -------
+    list of str
+        ``pool_size`` captions; canonical ones first.
+
+    Raises
+    ------
+    ValueError
+        If ``canonical_share`` is outside ``[0, 1]`` or the pool cannot be filled.
+    """
+    if not 0.0 <= canonical_share <= 1.0:
+        raise ValueError(f"canonical_share must lie in [0, 1], got {canonical_share}")
+    names = canonical_names or CANONICAL_NAMES
+    synonyms = synonym_captions(class_index)
+    n_canonical = int(round(canonical_share * pool_size))
+    n_synonym = pool_size - n_canonical
+    if n_synonym > len(synonyms):
+        raise ValueError(f"pool_size {pool_size} needs {n_synonym} synonym captions; there are {len(synonyms)}")
+    if n_canonical == 0 and n_synonym == len(synonyms):
+        return synonyms
+    import numpy as np
+
+    rng = np.random.default_rng([seed, class_index])
+    offset = int(rng.integers(len(TEMPLATES)))
+    canonical = [TEMPLATES[(offset + i) % len(TEMPLATES)].format(names[class_index]) for i in range(n_canonical)]
+    keep = np.sort(rng.permutation(len(synonyms))[:n_synonym])
+    return canonical + [synonyms[i] for i in keep]
+
+
+def uses_canonical_name(caption: str, class_index: int, canonical_names: list[str] | None = None) -> bool:
+    """Whether ``caption`` is a canonical-name caption of ``class_index`` (a template filled with its name)."""
+    name = (canonical_names or CANONICAL_NAMES)[class_index]
+    return any(caption == t.format(name) for t in TEMPLATES)
