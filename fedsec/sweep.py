@@ -44,6 +44,8 @@ METRICS = (
     "clean_acc_nobounds",
     "asr_nobounds",
     "trigger_only_asr",
+    "trigger_zs_asr",
+    "clean_target_rate",
     "det_tpr",
     "det_fpr",
     "zero_shot_acc",
