@@ -27,6 +27,7 @@ from fedsec.metrics import (
     zero_shot_accuracy,
 )
 from fedsec.node import clip_for, get_ctx, prompt_model_for, set_ctx, test_features
+from fedsec.provenance import trigger_sources, write_provenance
 from fedsec.rundir import RunDir
 
 
@@ -52,9 +53,11 @@ class Evaluation:
         self.clip = clip_for(cfg)
         self.test = load_dataset(cfg.dataset, "test", cfg.data_root)
         keep = None
+        self.test_size = len(self.test)
         if cfg.eval_samples and cfg.eval_samples < len(self.test):
             keep = np.sort(np.random.default_rng(cfg.seed).choice(len(self.test), size=cfg.eval_samples, replace=False))
             self.test = self.test.subset(keep)
+        self.eval_idx = np.arange(self.test_size) if keep is None else np.asarray(keep, dtype=np.int64)
         self.classnames = list(self.test.classnames)
         self.model = prompt_model_for(cfg, tuple(self.classnames))
         self.images = prepare_images(self.test.images, self.clip.image_size, self.test.fit)
@@ -74,6 +77,7 @@ class Evaluation:
         self.shadow_ctx = self.init_ctx.copy()
         self.round_info: dict = {}
         self.bounds: ActivationBounds | None = None  # activation bounds the server sends to clients, if any
+        self.final_trigger: dict | None = None  # the trigger behind the final ASR and its source files
         n_asr = cfg.asr_eval_samples
         nontarget = np.flatnonzero(self.test.labels != cfg.target_label)
         rng = np.random.default_rng(cfg.seed)
@@ -124,6 +128,8 @@ class Evaluation:
         if trigger is None:
             return {"asr": None}
         idx = np.flatnonzero(self.test.labels != self.cfg.target_label) if full else self.asr_idx
+        if full:
+            self.final_trigger = {"state": trigger.state(), "sources": trigger_sources(self.attack.store, self.run_dir)}
         clean = self.images[idx]
         with torch.no_grad():
             triggered = trigger(clean)
@@ -139,6 +145,7 @@ class Evaluation:
             ),
             "trigger_linf": float(diff.abs().max()),
             "trigger_l2": float(diff.norm(dim=1).mean()),
+            "asr_n": len(idx),  # the ASR's denominator: non-target test images evaluated
         }
 
     def bounded_metrics(self, ctx: np.ndarray, row: dict, server_round: int, full: bool) -> dict:
@@ -241,6 +248,7 @@ class Evaluation:
             "image_fit": self.test.fit,
         }
         self.run_dir.write_final_prompt(ctx, identity)
+        write_provenance(self)  # provenance.json, eval_subsets.npz, final_trigger.npz (docs/reevaluate.md)
         log(INFO, "[fedsec] results\n%s", format_table([summary]))
         return summary
 

@@ -408,7 +408,7 @@ def failure_cause(log_text: str) -> str:
     for ln in lines:
         m = exc_re.match(ln.strip())
         if m and not ln.startswith(" "):
-            cause = ln.strip()
+            cause = m.group(1).rsplit(".", 1)[-1] + ln.strip()[len(m.group(1)) :]  # fedsec.rundir.X -> X
     if not cause and any("Exit Code:" in ln and "Exit Code: 0" not in ln for ln in lines):
         cause = next(ln.strip() for ln in reversed(lines) if "Exit Code:" in ln)
     return cause
@@ -452,7 +452,7 @@ def prepare(
     if config_file is not None:
         values.update(load_toml(Path(config_file)))
     values.update(overrides)
-    check_keys(values, defaults)  # unknown keys and wrong types, before any heavy import
+    check_keys(values, defaults, num_supernodes)  # keys, types, ranges, federation: before any heavy import
     run_dir = resolve_run_dir(values, env)
     values["run-dir"] = str(run_dir)
     cfg = check_config(values, num_nodes=num_supernodes)

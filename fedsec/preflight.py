@@ -15,9 +15,10 @@ and the fix. It checks, in order of cost:
    readable and fits the architecture key for key
    (:func:`fedsec.models.checkpoint.check_checkpoint`).
 
-:func:`check_keys` is a first pass without heavy imports (keys and types
-against the app's ``[tool.flwr.app.config]`` defaults): an unknown key or a
-string for a number is reported in well under a second.
+:func:`check_keys` is a first pass without heavy imports (keys, types, ranges
+and the federation rules against the app's ``[tool.flwr.app.config]``
+defaults): an unknown key, a string for a number, a value out of range or too
+few SuperNodes are reported in well under a second.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from pathlib import Path
 from fedsec.config import ConfigError, RunConfig
 
 
-def check_keys(values: Mapping[str, object], defaults: Mapping[str, object]) -> None:
-    """Unknown keys and wrong types, against a table of defaults (no registries imported).
+def check_keys(values: Mapping[str, object], defaults: Mapping[str, object], num_nodes: int | None = None) -> RunConfig:
+    """Keys, types, ranges and the federation rules, against a table of defaults (no registries imported).
 
     Parameters
     ----------
@@ -38,20 +39,43 @@ def check_keys(values: Mapping[str, object], defaults: Mapping[str, object]) -> 
         The run config as the user gave it (flat kebab-case).
     defaults : Mapping
         Every known key with its default (``[tool.flwr.app.config]``).
+    num_nodes : int, optional
+        Federation size, when known: :func:`check_nodes` runs too.
+
+    Returns
+    -------
+    RunConfig
+        Built without the registry checks (allowed values come in :func:`check_config`).
 
     Raises
     ------
     ConfigError
         Naming the key, the value and what is expected.
     """
-    from fedsec.config import _coerce
+    from fedsec.config import _RANGES, _coerce
 
+    core = set(RunConfig.keys())
+    kwargs: dict[str, object] = {}
+    extra = {k: v for k, v in defaults.items() if k not in core}
     for key, value in values.items():
         if key not in defaults:
             close = _close_keys(key, defaults)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see `fedsec config`"
             raise ConfigError(f"unknown run-config key {key!r}{hint}")
-        _coerce(key, value, defaults[key])
+        coerced = _coerce(key, value, defaults[key])
+        if key in core:
+            kwargs[key.replace("-", "_")] = coerced
+        else:
+            extra[key] = coerced
+    cfg = RunConfig(**kwargs, extra=extra)  # type: ignore[arg-type]
+    for key, (lo, hi) in _RANGES.items():
+        if cfg._has(key):
+            v = cfg.get(key)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):  # type: ignore[operator]
+                raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+    if num_nodes is not None:
+        check_nodes(cfg, num_nodes)
+    return cfg
 
 
 def _close_keys(key: str, known: Mapping[str, object]) -> list[str]:
@@ -109,6 +133,12 @@ def dataset_classnames(name: str, root: str) -> list[str]:
     from fedsec.data import load_dataset
 
     try:
+        if name == "digits":  # ships with scikit-learn: its names, without loading the images
+            from importlib.util import find_spec
+
+            if find_spec("sklearn") is None:
+                raise ValueError("dataset digits needs scikit-learn (pip install scikit-learn)")
+            return ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
         if name == "fashion-mnist":
             from fedsec.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, _find
 
