@@ -1,0 +1,214 @@
+"""BadPromptFL ceiling analysis: what the model allows vs what aggregation dilutes.
+
+Each cell is a federated run in the plain in-process loop of
+``experiments/inprocess_fl.py`` (the same data, model, attack and FedAvg as the
+Flower app, without Flower's start-up), so a grid of long runs fits a CPU:
+
+- **central**: one client holding the whole pool (``k-shot`` x clients images) and
+  malicious: joint trigger + prompt optimisation with no averaging at all;
+- **all malicious**, then 1, 2, 3 of 10: how much averaging with benign
+  clients dilutes the backdoor;
+- patch size and position, trigger frozen after ``trigger-rounds`` vs
+  re-optimised every round (``trigger-rounds = 0``), 20 / 50 / 100 rounds (one
+  long run gives the shorter ones: its per-round ASR is recorded).
+
+Every cell is measured at the end on the whole test set: clean accuracy; ASR
+(non-target images with the attackers' final trigger, predicted as the target);
+the trigger's two baselines, under the hand-written zero-shot prompt and under
+the **benign-only** prompt (the final prompt of the same cell's configuration
+without attack, which the grid runs too); the clean target rate (the same
+images without the trigger predicted as the target); and the clean accuracy of
+that no-attack run, for the "within 2 points" criterion.
+
+Cells are listed in a TOML file (``[base]`` run-config keys for every cell, then
+``[[cell]]`` tables with ``name``, ``clients`` and run-config keys). Finished
+cells (``<out>/<name>.json``) are skipped, so the grid resumes. Writes
+``<out>/ceiling.{csv,md}``.
+
+Run: ``.venv/bin/python experiments/ceiling.py experiments/grids/ceiling.toml [--only NAME ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tomllib
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fedsec.attacks import get_attack  # noqa: E402
+from fedsec.config import RunConfig  # noqa: E402
+from fedsec.data import load_dataset, prepare_images  # noqa: E402
+from fedsec.metrics import accuracy, predict, target_rates  # noqa: E402
+from fedsec.node import clip_for, prompt_model_for, set_ctx  # noqa: E402
+
+COLUMNS = [
+    "cell",
+    "clients",
+    "malicious",
+    "rounds",
+    "clean_acc",
+    "no_attack_acc",
+    "asr",
+    "asr_min_last5",
+    "asr_at",
+    "trigger_zs_asr",
+    "trigger_benign_asr",
+    "clean_target_rate",
+    "wall_s",
+    "command",
+]
+
+
+def load_cells(path: Path) -> tuple[dict, list[dict]]:
+    """The ``[base]`` keys and the ``[[cell]]`` tables of a ceiling grid."""
+    data = tomllib.loads(Path(path).read_text())
+    base = dict(data.get("base", {}))
+    cells = [dict(c) for c in data.get("cell", [])]
+    for c in cells:
+        if "name" not in c or "clients" not in c:
+            raise SystemExit(f"{path}: every [[cell]] needs name and clients; got {sorted(c)}")
+    return base, cells
+
+
+def cell_config(base: dict, cell: dict, attack: bool = True) -> tuple[RunConfig, int]:
+    """The run config of a cell (``attack=False``: the same cell without attack) and its client count."""
+    values = {**base, **{k: v for k, v in cell.items() if k not in ("name", "clients")}}
+    if not attack:
+        values.update({"attack": "none", "num-malicious": 0, "malicious-ids": ""})
+    return RunConfig.from_mapping(values), int(cell["clients"])
+
+
+def command(base: dict, cell: dict) -> str:
+    """The in-process command that runs the cell alone."""
+    values = {**base, **{k: v for k, v in cell.items() if k not in ("name", "clients")}}
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in values.items())
+    return f"python experiments/inprocess_fl.py --num-clients {cell['clients']} -c {shlex.quote(overrides)}"
+
+
+def run_cell(cfg: RunConfig, clients: int, store: Path) -> dict:
+    """One in-process federated run; returns its per-round figures and final ``ctx``."""
+    from experiments.inprocess_fl import run_inprocess
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return run_inprocess(cfg, clients, verbose=False, store=store)
+
+
+def final_metrics(cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path) -> dict:
+    """Whole-test-set clean accuracy, ASR, both trigger baselines and the clean target rate."""
+    clip = clip_for(cfg)
+    test = load_dataset(cfg.dataset, "test", cfg.data_root)
+    images = prepare_images(test.images, clip.image_size, test.fit)
+    feats = clip.encode_images_batched(images)
+    model = prompt_model_for(cfg, tuple(test.classnames))
+    set_ctx(model, ctx)
+    out = {"clean_acc": accuracy(predict(model, feats), test.labels)}
+    trigger = get_attack(cfg.attack)(cfg, store / "attacker").load_trigger()
+    if trigger is None:
+        return out
+    idx = np.flatnonzero(test.labels != cfg.target_label)
+    with torch.no_grad():
+        trig = clip.encode_images_batched(trigger(images[idx]))
+        tokens = clip.tokenizer([cfg.prompt_template.format(c) for c in test.classnames]).to(clip.device)
+        zs = torch.nn.functional.normalize(clip.model.encode_text(tokens), dim=-1).cpu()
+        text = model.text_features().cpu()
+        set_ctx(model, benign_ctx)
+        benign = model.text_features().cpu()
+    rates = target_rates(
+        trig, feats[idx], test.labels[idx], cfg.target_label, {"global": text, "zero_shot": zs, "benign": benign}
+    )
+    out.update(
+        {
+            "asr": rates["asr_global"],
+            "trigger_zs_asr": rates["asr_zero_shot"],
+            "trigger_benign_asr": rates["asr_benign"],
+            "clean_target_rate": rates["clean_target_rate"],
+        }
+    )
+    return out
+
+
+def fmt(v: object) -> str:
+    """Percent for rates, plain otherwise."""
+    if isinstance(v, float):
+        return f"{100 * v:.1f}%" if v <= 1.0 else f"{v:.0f}"
+    return "-" if v is None else str(v)
+
+
+def write_table(out: Path, rows: list[dict]) -> None:
+    """``ceiling.csv`` and ``ceiling.md`` from the finished cells."""
+    with open(out / "ceiling.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in COLUMNS[:-1]) + " |")
+    lines += ["", "Commands:", ""] + [f"- `{r['cell']}`: `{r['command']}`" for r in rows]
+    (out / "ceiling.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", help="ceiling grid TOML, e.g. experiments/grids/ceiling.toml")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these cells")
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ceiling"))
+    args = ap.parse_args()
+    base, cells = load_cells(Path(args.grid))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    benign_cache: dict[str, dict] = {}
+    for cell in cells:
+        if args.only and cell["name"] not in args.only:
+            continue
+        path = out / f"{cell['name']}.json"
+        if path.exists():
+            print(f"[ceiling] {cell['name']}: done, skipped", flush=True)
+            continue
+        cfg, clients = cell_config(base, cell)
+        ref_cfg, _ = cell_config(base, cell, attack=False)
+        ref_key = json.dumps({**ref_cfg.to_dict(), "clients": clients}, sort_keys=True, default=str)
+        t0 = time.perf_counter()
+        if ref_key not in benign_cache:
+            with tempfile.TemporaryDirectory() as tmp:
+                ref = run_cell(ref_cfg, clients, Path(tmp))
+            benign_cache[ref_key] = {"ctx": ref["final_ctx"], "acc": ref["final_acc"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_cell(cfg, clients, Path(tmp))
+            final = final_metrics(cfg, res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp))
+        asrs = [a for a in res["asrs"][1:] if a is not None]
+        row = {
+            "cell": cell["name"],
+            "clients": clients,
+            "malicious": cfg.num_malicious,
+            "rounds": cfg.num_server_rounds,
+            "no_attack_acc": benign_cache[ref_key]["acc"],
+            "asr_min_last5": min(asrs[-5:]) if asrs else None,
+            "asr_at": ", ".join(f"{r}: {100 * asrs[r - 1]:.1f}%" for r in (20, 50, 100) if r <= len(asrs)),
+            "asr_per_round": asrs,
+            "acc_per_round": res["accs"],
+            "wall_s": time.perf_counter() - t0,
+            "command": command(base, cell),
+            **final,
+        }
+        path.write_text(json.dumps(row, indent=2, default=float) + "\n")
+        print(f"[ceiling] {cell['name']}: " + "  ".join(f"{c} {fmt(row.get(c))}" for c in COLUMNS[4:12]), flush=True)
+    rows = [json.loads((out / f"{c['name']}.json").read_text()) for c in cells if (out / f"{c['name']}.json").exists()]
+    if rows:
+        write_table(out, rows)
+        print((out / "ceiling.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The ceiling-analysis grid (experiments/ceiling.py): cells, their no-attack twins and commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.ceiling import cell_config, command, load_cells
+from tests.conftest import ROOT
+
+
+def test_shipped_grid_cells_resolve_to_valid_configs():
+    # Prepare
+    base, cells = load_cells(ROOT / "experiments" / "grids" / "ceiling.toml")
+    # Execute
+    configs = {c["name"]: cell_config(base, c) for c in cells}
+    # Assert: the central cell is one malicious client holding the whole pool; dilution cells differ only in
+    # the number of attackers
+    cfg, clients = configs["central"]
+    assert clients == 1 and cfg.num_malicious == 1 and cfg.k_shot == 160 and cfg.attack == "badpromptfl"
+    assert [configs[f"{m}-of-10"][0].num_malicious for m in (1, 2, 3)] == [1, 2, 3]
+    assert configs["2-of-10-reoptimised"][0].get("trigger-rounds") == 0
+    assert all(not c.class_specific for n, (c, _) in configs.items() if n != "2-of-10-csc")
+
+
+def test_no_attack_twin_keeps_everything_but_the_attack():
+    # Prepare
+    base = {"attack": "badpromptfl", "num-server-rounds": 7, "seed": 3}
+    cell = {"name": "x", "clients": 10, "num-malicious": 2, "patch-size": 4}
+    # Execute
+    attacked, _ = cell_config(base, cell)
+    benign, clients = cell_config(base, cell, attack=False)
+    # Assert
+    assert clients == 10 and benign.attack == "none" and benign.num_malicious == 0
+    assert benign.num_server_rounds == attacked.num_server_rounds == 7 and benign.seed == attacked.seed == 3
+
+
+def test_command_reproduces_the_cell_and_bad_cells_are_named(tmp_path):
+    # Prepare / Execute
+    cmd = command({"model": "fedsec-tiny-clip-v2"}, {"name": "c", "clients": 4, "class-specific": False})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[cell]]\nname = "no-clients"\n')
+    # Assert
+    assert cmd.startswith("python experiments/inprocess_fl.py --num-clients 4 -c ")
+    assert 'model="fedsec-tiny-clip-v2"' in cmd and "class-specific=false" in cmd
+    with pytest.raises(SystemExit, match="needs name and clients"):
+        load_cells(bad)
