@@ -1,11 +1,15 @@
 """Benchmark: round time of a Flower *deployment* vs the *simulation* runtime, same config.
 
-Runs the same experiment twice, one after the other (never at once):
+Runs the same experiment two or three times, one after the other (never at once):
 
 1. a loopback deployment (``experiments/deploy/deploy.py``): a SuperLink and ``--nodes``
    SuperNodes, TLS and SuperNode authentication on (``--insecure`` turns both off), every
    ClientApp message in a fresh ``flwr-clientapp`` process;
-2. the simulation runtime (``fedsec.launch.run``): ``--nodes`` simulated SuperNodes in Ray
+2. with ``--warm``, the same deployment with warm ClientApp processes (``deploy.py
+   --warm-clientapp``: SuperNodes in ``--isolation process``, each with a
+   ``fedsec.warm_superexec`` whose ClientApp processes fork from a parent that has imported
+   Flower, torch and open_clip once; still one process per message);
+3. the simulation runtime (``fedsec.launch.run``): ``--nodes`` simulated SuperNodes in Ray
    actors, 1 CPU each.
 
 Each run's ``metrics.jsonl`` gives ``round_s`` per round (round 0 = waiting for the nodes +
@@ -24,7 +28,7 @@ Writes ``experiments/results/bench_deploy.json`` and ``bench_deploy.md``.
 
 Run::
 
-    nice -n 10 .venv/bin/python experiments/bench_deploy.py --nodes 3 --rounds 3
+    nice -n 10 .venv/bin/python experiments/bench_deploy.py --nodes 3 --rounds 3 --warm
 """
 
 from __future__ import annotations
@@ -88,6 +92,19 @@ def round_stats(run_dir: Path) -> dict:
     }
 
 
+def final_prompts_identical(work: Path) -> dict[str, bool]:
+    """Whether each run's ``final_prompt.npz`` equals the simulation's, bit for bit (``run-*`` under ``work``)."""
+    import numpy as np
+
+    prompts = {p.parent.name: np.load(p)["ctx"] for p in sorted(work.glob("run-*/final_prompt.npz"))}
+    ref = prompts.get("run-sim")
+    if ref is None:
+        return {}
+    return {
+        k: bool(v.dtype == ref.dtype and v.tobytes() == ref.tobytes()) for k, v in prompts.items() if k != "run-sim"
+    }
+
+
 def steady_round(train_round_s: list[float]) -> float | None:
     """Mean of the training rounds after the first (the first one also starts the simulation's actors)."""
     later = train_round_s[1:]
@@ -95,27 +112,36 @@ def steady_round(train_round_s: list[float]) -> float | None:
 
 
 def bench_deployment(
-    values: dict, nodes: int, work: Path, insecure: bool, ports: tuple[int, int] = (19091, 19092)
+    values: dict,
+    nodes: int,
+    work: Path,
+    insecure: bool,
+    ports: tuple[int, int] = (19091, 19092),
+    warm: bool = False,
 ) -> dict:
     """Start a loopback deployment, run ``values``, stop it; return its timings.
 
-    ``ports`` are the SuperLink's port and the first SuperNode Runtime API port.
+    ``ports`` are the SuperLink's port and the first SuperNode Runtime API port; ``warm``
+    forks the ClientApp processes from a pre-imported parent (``deploy.py --warm-clientapp``).
     """
+    tag = "deploy-warm" if warm else "deploy"
     deploy = _load_deploy()
     cfg = deploy.DeployConfig(
-        work_dir=work / "deploy",
+        work_dir=work / tag,
         num_nodes=nodes,
         insecure=insecure,
         startup_timeout_s=300,
         superlink_port=ports[0],
         node_port_base=ports[1],
+        warm_clientapp=warm,
     )
-    run_dir = work / "run-deploy"
+    run_dir = work / f"run-{tag}"
     summary, dep = deploy.deploy_and_run(cfg, {**values, "run-dir": str(run_dir)}, quiet=True, timeout_s=3600)
     out = round_stats(run_dir)
     out.update(
         {
-            "mode": "deployment",
+            "mode": "deployment, warm ClientApp processes" if warm else "deployment",
+            "warm_clientapp": warm,
             "tls": not insecure,
             "node_auth": cfg.node_auth,
             "setup_s": round(dep.timings.get("setup_s", 0.0), 2),
@@ -162,14 +188,30 @@ def markdown_rows(d: dict, s: dict) -> list[tuple[str, object, object]]:
 def markdown(result: dict, baseline: dict | None = None) -> str:
     """The result as a Markdown report (with the deployment column of ``baseline`` first, if given)."""
     d, s = result["deployment"], result["simulation"]
+    w = result.get("deployment_warm")
     rows = markdown_rows(d, s)
     cfg = " ".join(f"{k}={v}" for k, v in result["config"].items())
-    head, rule = "| | deployment | simulation |", "|---|---|---|"
-    table = [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    columns: list[tuple[str, dict]] = []
     if baseline is not None:
-        old = {a: b for a, b, _ in markdown_rows(baseline["deployment"], baseline["simulation"])}
-        head, rule = "| | deployment before | deployment | simulation |", "|---|---|---|---|"
-        table = [f"| {a} | {old.get(a, '-')} | {b} | {c} |" for a, b, c in rows]
+        columns.append(("deployment before", {a: b for a, b, _ in markdown_rows(baseline["deployment"], s)}))
+    columns.append(("deployment", {a: b for a, b, _ in rows}))
+    if w is not None:
+        columns.append(("deployment, warm ClientApp", {a: b for a, b, _ in markdown_rows(w, s)}))
+    columns.append(("simulation", {a: c for a, _, c in rows}))
+    head = "| | " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    table = [f"| {a} | " + " | ".join(str(col.get(a, "-")) for _, col in columns) + " |" for a, _, _ in rows]
+    warm_line = (
+        [
+            "",
+            f"Warm ClientApp processes: steady round **{w['steady_round_s']}** s, "
+            f"**{result.get('ratio_steady_round_warm')}x** simulation. Every message still runs in its own "
+            "process, forked from a `fedsec.warm_superexec` forkserver that imported Flower's runtime, torch "
+            "and open_clip once (SuperNodes in `--isolation process`).",
+        ]
+        if w is not None
+        else []
+    )
     lines = [
         "# Deployment vs simulation round time",
         "",
@@ -183,10 +225,12 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
         "",
         f"Mean training round, deployment / simulation: **{result['ratio_mean_train_round']}x**; "
         f"steady rounds (>= 2): **{result['ratio_steady_round']}x**. A deployment runs every ClientApp "
-        "message in a fresh `flwr-clientapp` process (Python, torch and open_clip are imported and the CLIP "
-        "model is loaded again every round; the client's k-shot data and frozen features come from the "
-        "on-disk cache after round 1); simulation actors live for the whole run and keep everything "
-        "cached in memory (`fedsec/node.py`), so only their first round pays for it.",
+        "message in a fresh `flwr-clientapp` process (Python, Flower's runtime, torch and open_clip are "
+        "imported and the CLIP model is loaded again every round; the client's k-shot data and frozen "
+        "features, and the frozen model in a fast format, come from the on-disk cache after round 1); "
+        "simulation actors live for the whole run and keep everything cached in memory (`fedsec/node.py`), "
+        "so only their first round pays for it.",
+        *warm_line,
         *(
             [
                 "",
@@ -196,6 +240,8 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
             if baseline is not None
             else []
         ),
+        "",
+        f"Final prompt bit-identical to the simulation's: {result.get('final_prompt_identical', '-')}.",
         "",
         f"Settings: {result.get('settings', {})}.",
         "",
@@ -230,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, help="an earlier result .json whose deployment column is shown too")
     ap.add_argument("--superlink-port", type=int, default=19091, help="the deployment's SuperLink port")
     ap.add_argument("--node-port-base", type=int, default=19092, help="SuperNode k's Runtime API port is this + k")
+    ap.add_argument("--warm", action="store_true", help="also run the deployment with warm ClientApp processes")
     args = ap.parse_args(argv)
     out = Path(args.out)
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     if args.render:
         result = json.loads(out.with_suffix(".json").read_text())
-        for part in ("deployment", "simulation"):
+        for part in [p for p in ("deployment", "deployment_warm", "simulation") if p in result]:
             result[part]["steady_round_s"] = steady_round(result[part]["train_round_s"])
         result["ratio_steady_round"] = _ratio(
             result["deployment"]["steady_round_s"], result["simulation"]["steady_round_s"]
@@ -261,9 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         ports = (args.superlink_port, args.node_port_base)
         dep = bench_deployment(values, args.nodes, work, args.insecure, ports)
         print(f"[bench] deployment round_s {dep['round_s']}", flush=True)
+        warm = None
+        if args.warm:
+            print(f"[bench] deployment, warm ClientApp processes: {args.nodes} SuperNodes", flush=True)
+            warm_ports = (ports[0] + 10, ports[1] + 10)  # not the ports the first deployment just released
+            warm = bench_deployment(values, args.nodes, work, args.insecure, warm_ports, warm=True)
+            print(f"[bench] deployment (warm) round_s {warm['round_s']}", flush=True)
         print(f"[bench] simulation: {args.nodes} SuperNodes, {args.rounds} rounds", flush=True)
         sim = bench_simulation(values, args.nodes, work)
         print(f"[bench] simulation round_s {sim['round_s']}", flush=True)
+        same_prompt = final_prompts_identical(work)
     result = {
         "nodes": args.nodes,
         "config": values,
@@ -271,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         "simulation": sim,
         "ratio_mean_train_round": round(dep["mean_train_round_s"] / sim["mean_train_round_s"], 2),
         "ratio_steady_round": _ratio(dep["steady_round_s"], sim["steady_round_s"]),
+        **(
+            {"deployment_warm": warm, "ratio_steady_round_warm": _ratio(warm["steady_round_s"], sim["steady_round_s"])}
+            if warm is not None
+            else {}
+        ),
+        "final_prompt_identical": same_prompt,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
