@@ -25,6 +25,13 @@ from strategies.state import collect_state, restore_state
 
 app = ServerApp()
 
+#: fedsec's message records (what the ClientApp sends): the strategies are generic, the glue names them.
+ARRAYRECORD_KEY, METRICRECORD_KEY, WEIGHTED_BY_KEY = "arrays", "metrics", "num-examples"
+#: The prompt array in the ArrayRecord, and the metric each reply reports its partition under.
+PROMPT_ARRAY, CLIENT_ID_KEY = "ctx", "partition-id"
+#: Aggregated training metrics the evaluation records.
+RECORDED_METRICS = ("train-loss", "train-acc", "rejected-replies")
+
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:
     t0 = last_note = time.time()
@@ -67,14 +74,14 @@ def malicious_failure(info: dict, malicious: list[int], known: dict[int, int], r
     Returns
     -------
     str or None
-        One line naming the round's failure, or ``None`` when a malicious client replied or
-        the failures cannot be attributed to the malicious clients.
+        One line naming the round's failure, or ``None`` when a malicious client replied, no
+        client replied at all, or the failures cannot be attributed to the malicious clients.
     """
     known.update(info.get("partitions", {}))
     if not malicious or not info.get("failed_replies"):
         return None
-    if any(pid in malicious for pid in info.get("partitions", {}).values()):
-        return None
+    if not info.get("partitions") or any(pid in malicious for pid in info["partitions"].values()):
+        return None  # a malicious client replied, or nobody did (a general fault the run survives as before)
     failed = set(info.get("failed_nodes", []))
     failed_mal = {known[n] for n in failed if n in known and known[n] in malicious}
     everyone_sampled = info.get("num_sent", 0) >= len(known) and not (set(known) - failed - set(info["partitions"]))
@@ -109,7 +116,16 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[fedsec] %d nodes; zero-shot accuracy %.1f%%", num_nodes, 100 * evaluation.zero_shot_acc)
 
     synthetic = synthetic_provider(cfg, evaluation.classnames, evaluation.clip.image_size, run_dir.path / "attacker")
-    sctx = StrategyContext(cfg, num_nodes, server_update=server_root_update(cfg), synthetic_data=synthetic)
+    sctx = StrategyContext(
+        cfg,
+        num_nodes,
+        server_update=server_root_update(cfg),
+        synthetic_data=synthetic,
+        arrayrecord_key=ARRAYRECORD_KEY,
+        weighted_by_key=WEIGHTED_BY_KEY,
+        client_id_key=CLIENT_ID_KEY,
+        array_name=PROMPT_ARRAY,
+    )
     known_nodes: dict[int, int] = {}
 
     def note_round(info: dict) -> None:
@@ -120,7 +136,14 @@ def main(grid: Grid, context: Context) -> None:
             raise MaliciousClientsFailed(problem)
         evaluation.note_round(info)
 
-    strategy = Recorder(_validated(build_strategy(sctx), cfg.max_weight_ratio), note_round, round_offset=done)
+    strategy = Recorder(
+        _validated(build_strategy(sctx), cfg.max_weight_ratio),
+        note_round,
+        round_offset=done,
+        arrayrecord_key=ARRAYRECORD_KEY,
+        client_id_key=CLIENT_ID_KEY,
+        metric_keys=RECORDED_METRICS,
+    )
     if done:
         evaluation.restore(arrays)
         saved = run_dir.strategy_state(done)
@@ -210,4 +233,6 @@ def _validated(strategy, max_weight_ratio: float = 0.0):
         from strategies.validation import Validated
     except ImportError:
         return strategy
-    return Validated(strategy, max_weight_ratio=max_weight_ratio)
+    return Validated(
+        strategy, max_weight_ratio=max_weight_ratio, metricrecord_key=METRICRECORD_KEY, client_id_key=CLIENT_ID_KEY
+    )

@@ -255,6 +255,8 @@ def test_every_malicious_client_failing_is_an_error():
     assert malicious_failure(ok, [2], known, []) is None
     assert malicious_failure(benign_fail, [2], known, ["error reply: x"]) is None
     assert malicious_failure(info, [], known, []) is None
+    all_failed = {"partitions": {}, "failed_replies": 4, "failed_nodes": [10, 11, 12, 13], "num_sent": 4}
+    assert malicious_failure(all_failed, [2], known, ["error reply: x"]) is None
 
 
 def test_failed_sweep_cells_are_in_the_report_with_their_reason(tmp_path):
