@@ -235,4 +235,40 @@ def check_config(values: Mapping[str, object], num_nodes: int | None = None, dee
             f"({len(classes)} classes: 0..{len(classes) - 1}); set target-label < {len(classes)}"
         )
     check_model(cfg)
+    check_trigger_geometry(cfg)
     return cfg
+
+
+def check_trigger_geometry(cfg: RunConfig) -> None:
+    """A patch trigger fits the model's input (the malicious clients would crash every round otherwise).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``patch-size`` (or ``badclip-patch-size``), ``patch-top`` / ``patch-left`` and the image size.
+    """
+    import open_clip
+
+    size = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {}).get("image_size")
+    if cfg.attack == "none" or not isinstance(size, int):
+        return
+    if cfg.attack == "badclip" and cfg._has("badclip-patch-size"):
+        keys = ("badclip-patch-size", None, None)
+    elif cfg._has("patch-size") and cfg.attack in ("badnets", "badpromptfl", "fm-poison"):
+        keys = ("patch-size", "patch-top", "patch-left")
+    else:
+        return
+    patch = int(cfg.get(keys[0]))  # type: ignore[arg-type]
+    if not 0 < patch <= size:
+        raise ConfigError(
+            f"run-config {keys[0]}={patch} does not fit the {size} px input of {cfg.model}; set 1..{size}"
+        )
+    for key in keys[1:]:
+        if key is not None and cfg._has(key):
+            at = int(cfg.get(key))  # type: ignore[arg-type]
+            pos = at if at >= 0 else size - patch + at + 1
+            if not 0 <= pos <= size - patch:
+                raise ConfigError(
+                    f"run-config {key}={at}: a {patch} px patch there leaves the {size} px image; "
+                    f"set {key} in 0..{size - patch}, or -1 for the far edge"
+                )

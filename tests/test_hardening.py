@@ -106,6 +106,21 @@ def test_n_ctx_must_match_ctx_init_tokens():
         check_config({**DIGITS, "n-ctx": 6, "pretrained": "none"}, num_nodes=3)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"patch-size": 40}, r"patch-size=40 does not fit the 32 px input of fedsec-tiny-clip; set 1..32"),
+        ({"patch-top": 30}, r"patch-top=30: a 8 px patch there leaves the 32 px image; set patch-top in 0..24"),
+    ],
+)
+def test_a_patch_trigger_must_fit_the_image(values, message):
+    # Prepare
+    base = {**DIGITS, "attack": "badnets", "num-malicious": 1, "pretrained": "none"}
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        check_config({**base, **values}, num_nodes=3)
+
+
 def test_missing_data_and_checkpoint_are_named(tmp_path):
     # Prepare / Execute / Assert
     with pytest.raises(ConfigError, match=r"dataset='fashion-mnist' data-root='.*empty'.*not found"):
