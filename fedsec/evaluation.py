@@ -23,6 +23,7 @@ from fedsec.metrics import (
     attack_success_rate,
     detection_rates,
     predict,
+    target_rates,
     update_stealth,
     zero_shot_accuracy,
 )
@@ -115,14 +116,25 @@ class Evaluation:
             step = np.mean(benign, axis=0).reshape(self.shadow_ctx.shape).astype(np.float32)
             self.shadow_ctx = self.shadow_ctx + step
 
-    def backdoor_metrics(self, ctx: np.ndarray, server_round: int, full: bool = False) -> dict:
-        """ASR of ``ctx``, the trigger-only baseline and the trigger's size, with the attackers' newest trigger.
+    @torch.no_grad()
+    def zero_shot_text(self) -> torch.Tensor:
+        """Class text features of the hand-written ``prompt-template`` (under any active bounds)."""
+        tokens = self.clip.tokenizer([self.cfg.prompt_template.format(c) for c in self.classnames])
+        return torch.nn.functional.normalize(self.clip.model.encode_text(tokens.to(self.clip.device)), dim=-1)
 
-        The trigger-only baseline applies the same trigger to the *benign-only
-        shadow prompt*: the initial prompt plus the accumulated mean update of
-        the benign clients (the prompt the federation would hold had the
-        malicious updates been dropped), so the prompt's share of the backdoor
-        shows against what the trigger does alone.
+    def backdoor_metrics(
+        self, ctx: np.ndarray, server_round: int, full: bool = False, clean_features: torch.Tensor | None = None
+    ) -> dict:
+        """ASR of ``ctx``, the trigger's baselines and its size, with the attackers' newest trigger.
+
+        Two trigger-alone baselines: ``trigger_only_asr`` applies the same trigger
+        to the *benign-only shadow prompt* (the initial prompt plus the
+        accumulated mean update of the benign clients: the prompt the federation
+        would hold had the malicious updates been dropped), ``trigger_zs_asr``
+        to the hand-written zero-shot prompt (``prompt-template``); and
+        ``clean_target_rate``, the share of the same images *without* the
+        trigger that ``ctx`` already predicts as the target. All on the same
+        non-target images as ``asr``.
         """
         trigger = self.attack.load_trigger()
         if trigger is None:
@@ -138,11 +150,19 @@ class Evaluation:
         labels = self.test.labels[idx]
         target = self.cfg.target_label
         diff = (triggered - clean).flatten(1)
+        base = self.features if clean_features is None else clean_features
+        with torch.no_grad():
+            text = self.model.text_features(torch.from_numpy(ctx).to(dev)).cpu()
+        rates = target_rates(
+            feats, base[idx], labels, target, {"global": text, "zero_shot": self.zero_shot_text().cpu()}
+        )
         return {
             "asr": attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target),
             "trigger_only_asr": attack_success_rate(
                 predict(self.model, feats, torch.from_numpy(self.shadow_ctx).to(dev)), labels, target
             ),
+            "trigger_zs_asr": rates["asr_zero_shot"],
+            "clean_target_rate": rates["clean_target_rate"],
             "trigger_linf": float(diff.abs().max()),
             "trigger_l2": float(diff.norm(dim=1).mean()),
             "asr_n": len(idx),  # the ASR's denominator: non-target test images evaluated
@@ -158,7 +178,7 @@ class Evaluation:
         with bounded(self.clip.model, self.bounds):
             features = self.clip.encode_images_batched(self.images)
             out["clean_acc"] = accuracy(predict(self.model, features), self.labels)
-            out.update(self.backdoor_metrics(ctx, server_round, full=full))
+            out.update(self.backdoor_metrics(ctx, server_round, full=full, clean_features=features))
         return out
 
     def evaluate_round(self, server_round: int, ctx: np.ndarray) -> dict:
@@ -225,10 +245,11 @@ class Evaluation:
                 summary[key] = last[key]
         if self.bounds is not None:
             np.savez(self.run_dir.path / "final_bounds.npz", **self.bounds.to_arrays())
-        for key in ("trigger_only_asr", "det_tpr", "det_fpr"):
+        last_value = ("trigger_only_asr", "trigger_zs_asr", "clean_target_rate")
+        for key in (*last_value, "det_tpr", "det_fpr"):
             vals = [r[key] for r in self.history if r.get(key) is not None]
             if vals:
-                summary[key] = vals[-1] if key == "trigger_only_asr" else float(np.mean(vals))
+                summary[key] = vals[-1] if key in last_value else float(np.mean(vals))
         self.run_dir.write_json("summary.json", summary)
         pl = self.model.prompt_learner
         identity = {
