@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     from fedsec.evaluation import format_table
 
     keys = ("attack", "strategy", "zero_shot_acc", "clean_acc", "asr", "wall_s")
-    extra = tuple(k for k in ("trigger_only_asr", "det_tpr", "det_fpr") if k in summary)
+    baselines = ("trigger_only_asr", "trigger_zs_asr", "clean_target_rate", "det_tpr", "det_fpr")
+    extra = tuple(k for k in baselines if k in summary)
     print()
     print(format_table([summary], keys[:4] + keys[4:5] + extra + keys[5:]))
     print(f"\nrun directory: {summary['run_dir']}")
