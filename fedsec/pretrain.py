@@ -135,6 +135,159 @@ def validate(
     return {"val_zero_shot": zs, "val_coop_shared": coop}
 
 
+def class_contrastive_loss(logits: torch.Tensor, y: torch.Tensor, cap_cls: torch.Tensor) -> torch.Tensor:
+    """Class-aware (UniCL-style) symmetric contrastive loss of the pretraining.
+
+    An image's positives are all captions of its class in the batch and vice
+    versa; the targets of each row (column) are spread uniformly over them.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``images x captions`` scaled cosine similarities.
+    y : torch.Tensor
+        Class of every image (a poisoned pair carries its caption's class).
+    cap_cls : torch.Tensor
+        Class of every caption.
+    """
+    pos = (y.view(-1, 1) == cap_cls.view(1, -1)).float()
+    return 0.5 * (
+        F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+        + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T)
+    )
+
+
+def train_contrastive(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 200,
+    captions_per_class: int = 3,
+    gen: torch.Generator | None = None,
+    max_steps: int = 0,
+    bf16: bool = False,
+    extra_loss=None,
+    on_epoch_end=None,
+    desc: str = "pretrain",
+) -> list[float]:
+    """The pretraining loop on given pairs, from the model's current weights.
+
+    ``python -m fedsec.pretrain`` calls it on a fresh model; ``fedsec.backdoor_clip``
+    calls it on a loaded checkpoint with poisoned pairs (an image's class is
+    its caption's class) or clean pairs plus CleanCLIP's in-modal term.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        open_clip CLIP, trained in place (train mode is set here).
+    images : torch.Tensor
+        ``N x 3 x 32 x 32`` images in ``[0, 1]``.
+    labels : torch.Tensor
+        Caption class of every image.
+    tokens : torch.Tensor
+        ``classes x captions x ctx`` tokenized caption pools.
+    epochs, batch_size, lr, weight_decay, warmup_steps, captions_per_class : int or float
+        As ``python -m fedsec.pretrain`` (AdamW, linear warmup, cosine decay).
+    gen : torch.Generator, optional
+        Source of every random draw (default: a generator seeded 0).
+    max_steps : int
+        Stop after this many steps (0: all epochs).
+    bf16 : bool
+        bf16 autocast.
+    extra_loss : callable, optional
+        ``extra_loss(model, batch) -> Tensor`` added to the loss; ``batch`` holds
+        ``x`` (augmented ``[0, 1]`` images), ``img_f``, ``txt_f``, ``text``,
+        ``cap_cls``, ``cap``, ``y``, ``gen``.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch, step, total, bar)`` after every epoch.
+    desc : str
+        Progress-bar label.
+
+    Returns
+    -------
+    list of float
+        The loss every 50 steps.
+    """
+    import open_clip
+    from tqdm import tqdm
+
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    model.train()
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    n_cls, n_caps = tokens.shape[0], tokens.shape[1]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    steps_per_epoch = len(labels) // batch_size
+    total = steps_per_epoch * epochs
+    if max_steps:
+        total = min(total, max_steps)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        frac = (step - warmup_steps) / max(1, total - warmup_steps)
+        return lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+    step = 0
+    losses: list[float] = []
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stdout, mininterval=5)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(labels), generator=gen)
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            raw = _augment(images[idx], gen)
+            x = (raw - mean) / std
+            y = labels[idx]
+            # Class-aware contrastive loss (UniCL style): a few captions per
+            # class in every batch; an image's positives are all captions of
+            # its class and vice versa. Encoding 30 captions instead of one
+            # per image makes a step ~2x cheaper on CPU.
+            cap_cls = torch.arange(n_cls).repeat_interleave(captions_per_class)
+            cap = torch.randint(0, n_caps, (len(cap_cls),), generator=gen)
+            text = tokens[cap_cls, cap]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                img_f = F.normalize(model.encode_image(x), dim=-1)
+                txt_f = F.normalize(model.encode_text(text), dim=-1)
+                logits = model.logit_scale.exp() * img_f.float() @ txt_f.float().T
+            loss = class_contrastive_loss(logits, y, cap_cls)
+            if extra_loss is not None:
+                batch = {"x": raw, "img_f": img_f, "txt_f": txt_f, "text": text, "cap_cls": cap_cls, "cap": cap}
+                loss = loss + extra_loss(model, {**batch, "y": y, "gen": gen})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                losses.append(round(loss.item(), 4))
+                bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, step, total, bar)
+        if step >= total:
+            break
+    bar.close()
+    return losses
+
+
 def main(argv: list[str] | None = None) -> None:
     """Pretrain and write the checkpoint and its manifest."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,8 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out = args.out or str(WEIGHTS_DIR / f"{args.model}.pt")
 
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
     # AdamW moments of the ~49k token-embedding rows the captions never use decay
@@ -174,8 +325,6 @@ def main(argv: list[str] | None = None) -> None:
     model = open_clip.create_model(args.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(args.model)
     model.train()
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
     data = load_dataset("fashion-mnist", "pretrain")
     train_idx, val_idx = holdout_split(len(data), args.holdout)
@@ -186,66 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     # Every class's caption pool, tokenized once (v1: all template x synonym captions).
     captions = [caption_pool(c, args.canonical_share, seed=args.caption_seed) for c in range(len(data.classnames))]
     tokens = torch.stack([tokenizer(c) for c in captions])  # classes x captions x ctx
-    n_cls, n_caps = tokens.shape[0], tokens.shape[1]
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    steps_per_epoch = len(labels) // args.batch_size
-    total = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total = min(total, args.max_steps)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        frac = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
     t0 = time.time()
-    step = 0
-    bar = tqdm(total=total, desc=f"pretrain {args.model}", unit="step", file=sys.stdout, mininterval=5)
     history = []
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(labels), generator=gen)
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            x = (_augment(images[idx], gen) - mean) / std
-            y = labels[idx]
-            # Class-aware contrastive loss (UniCL style): a few captions per
-            # class in every batch; an image's positives are all captions of
-            # its class and vice versa. Encoding 30 captions instead of one
-            # per image makes a step ~2x cheaper on CPU.
-            cap_cls = torch.arange(n_cls).repeat_interleave(args.captions_per_class)
-            cap = torch.randint(0, n_caps, (len(cap_cls),), generator=gen)
-            text = tokens[cap_cls, cap]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                img_f = F.normalize(model.encode_image(x), dim=-1)
-                txt_f = F.normalize(model.encode_text(text), dim=-1)
-                logits = model.logit_scale.exp() * img_f.float() @ txt_f.float().T
-            pos = (y.view(-1, 1) == cap_cls.view(1, -1)).float()
-            loss = 0.5 * (
-                F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
-                + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+
+    def on_epoch_end(epoch: int, step: int, total: int, bar) -> None:
+        nonlocal t0
         if len(val_idx) and ((epoch + 1) % args.val_every == 0 or step >= total or epoch + 1 == args.epochs):
             t_val = time.time()
             val = validate(_frozen(model, tokenizer, args.model), val_images, val_labels, data.classnames)
@@ -253,9 +348,24 @@ def main(argv: list[str] | None = None) -> None:
             history.append(val)
             t0 += time.time() - t_val  # validation is not training time
             bar.write(json.dumps(val))
-        if step >= total:
-            break
-    bar.close()
+
+    train_contrastive(
+        model,
+        images,
+        labels,
+        tokens,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        captions_per_class=args.captions_per_class,
+        gen=gen,
+        max_steps=args.max_steps,
+        bf16=args.bf16,
+        on_epoch_end=on_epoch_end,
+        desc=f"pretrain {args.model}",
+    )
     wall = time.time() - t0
 
     out = Path(args.out).resolve()
