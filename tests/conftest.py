@@ -58,3 +58,35 @@ def embedded_clip():
     from fedsec.models.factory import create_clip
 
     return create_clip("fedsec-tiny-clip", "embedded")
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests first (longest processing time first), unit tests after.
+
+    Under pytest-xdist's ``load`` scheduling, workers take tests in this order as
+    they become free, so the long Flower runs start at once and the many short
+    unit tests fill the gaps at the end instead of leaving one worker alone with
+    a long run.
+    """
+    def rank(item) -> tuple[int, int]:
+        if not item.get_closest_marker("e2e"):
+            return (1, 0)
+        known = [i for i, prefix in enumerate(_LONGEST_FIRST) if item.nodeid.startswith(prefix)]
+        return (0, known[0] if known else len(_LONGEST_FIRST))
+
+    items.sort(key=rank)
+
+
+#: End-to-end tests, longest first (several Flower starts, or waits on heartbeats), as measured.
+_LONGEST_FIRST = [
+    "tests/test_resume.py",
+    "tests/test_sweep.py::test_sweep_resumes",
+    "tests/test_deploy_faults.py",
+    "tests/test_hardening_e2e.py::test_simultaneous",
+    "tests/test_ray_cluster.py",
+    "tests/test_fm_e2e.py",
+    "tests/test_deploy.py",
+    "tests/test_deploy_warm.py",
+    "tests/test_e2e.py",
+    "tests/test_hardening_e2e.py",
+]
