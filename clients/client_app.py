@@ -72,6 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
+    attack.round_config = dict(msg.content["config"])  # e.g. FedProx's proximal-mu
     with bounded(clip.model, bounds):
         stats = attack.run(model, data, clip, server_round, pid, seed)
 

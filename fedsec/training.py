@@ -65,8 +65,13 @@ def train_on_features(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model.prompt_learner.ctx`` with cross-entropy on cached features.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu / 2 * ||ctx - ctx_0||^2``
+    (Li et al., MLSys 2020), ``ctx_0`` the received global context; the server's
+    ``FedProx`` sends ``mu`` in the round's config as ``proximal-mu``.
 
     Returns
     -------
@@ -78,11 +83,14 @@ def train_on_features(
     gen = torch.Generator().manual_seed(seed)
     dev = ctx.device
     features, labels = features.to(dev), labels.to(dev)
+    anchor = ctx.detach().clone() if proximal_mu > 0 else None
     losses, correct, seen = [], 0, 0
     for idx in batches(len(labels), batch_size, steps, gen):
         idx = idx.to(dev)
         logits = model.logits_from_features(features[idx])
         loss = F.cross_entropy(logits, labels[idx])
+        if anchor is not None:
+            loss = loss + 0.5 * proximal_mu * (ctx - anchor).pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -86,6 +86,8 @@ class Attack:
 
         self.cfg = cfg
         self.store = AttackerStore(Path(store))
+        #: The server's config for this round (``server-round``, FedProx's ``proximal-mu``, ...).
+        self.round_config: dict[str, object] = {}
 
     def run(self, model, data, clip, server_round: int, partition_id: int, seed: int) -> dict[str, float]:
         """Train locally (honestly or not), then boost the update if configured.
@@ -124,12 +126,17 @@ class Attack:
         return bool(np.random.default_rng([self.cfg.seed, server_round, 0xA77]).random() < p)
 
     def local_train(self, model, data, clip, server_round: int, seed: int) -> dict[str, float]:
-        """Malicious local training; the no-op attack trains honestly."""
+        """Malicious local training; the no-op attack trains honestly (with FedProx's term when the server asks).
+
+        Attacks that override this need not honour ``proximal-mu``: a malicious
+        client follows its own objective.
+        """
         from fedsec.training import train_on_features
 
         c = self.cfg
+        mu = float(self.round_config.get("proximal-mu", 0.0))
         return train_on_features(
-            model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
+            model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed, mu
         )
 
     def poison_synthetic(self, images, labels, seed: int):
