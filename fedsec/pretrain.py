@@ -175,6 +175,8 @@ def train_contrastive(
     extra_loss=None,
     on_epoch_end=None,
     desc: str = "pretrain",
+    late_tokens: torch.Tensor | None = None,
+    late_epoch: int = 0,
 ) -> list[float]:
     """The pretraining loop on given pairs, from the model's current weights.
 
@@ -208,6 +210,10 @@ def train_contrastive(
         ``on_epoch_end(epoch, step, total, bar)`` after every epoch.
     desc : str
         Progress-bar label.
+    late_tokens : torch.Tensor, optional
+        Caption pools (same shape as ``tokens``) used from epoch ``late_epoch`` on.
+    late_epoch : int
+        First (0-based) epoch that draws from ``late_tokens``.
 
     Returns
     -------
@@ -259,7 +265,8 @@ def train_contrastive(
             # per image makes a step ~2x cheaper on CPU.
             cap_cls = torch.arange(n_cls).repeat_interleave(captions_per_class)
             cap = torch.randint(0, n_caps, (len(cap_cls),), generator=gen)
-            text = tokens[cap_cls, cap]
+            pool = tokens if late_tokens is None or epoch < late_epoch else late_tokens
+            text = pool[cap_cls, cap]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -302,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--model", default="fedsec-tiny-clip", help="model config name (fedsec-tiny-clip, -v2)")
     ap.add_argument("--canonical-share", type=float, default=0.0, help="share of captions with the canonical name")
+    ap.add_argument("--caption-pool", type=int, default=160, help="captions per class pool (share resolution)")
+    ap.add_argument(
+        "--canonical-epochs", type=int, default=0, help="use canonical captions only in the first N epochs (0: all)"
+    )
     ap.add_argument("--caption-seed", type=int, default=0, help="seed of the caption pools")
     ap.add_argument("--holdout", type=int, default=0, help="pretraining images kept out for validation")
     ap.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -333,8 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.from_numpy(data.labels[train_idx])
     val_images, val_labels = all_images[torch.from_numpy(val_idx)], data.labels[val_idx]
     # Every class's caption pool, tokenized once (v1: all template x synonym captions).
-    captions = [caption_pool(c, args.canonical_share, seed=args.caption_seed) for c in range(len(data.classnames))]
+    n_classes = len(data.classnames)
+    captions = [caption_pool(c, args.canonical_share, args.caption_pool, args.caption_seed) for c in range(n_classes)]
     tokens = torch.stack([tokenizer(c) for c in captions])  # classes x captions x ctx
+    # After --canonical-epochs: the same pool size, synonyms only.
+    late = [caption_pool(c, 0.0, args.caption_pool, args.caption_seed) for c in range(n_classes)]
+    late_tokens = torch.stack([tokenizer(c) for c in late]) if args.canonical_epochs else None
 
     t0 = time.time()
     history = []
@@ -365,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         bf16=args.bf16,
         on_epoch_end=on_epoch_end,
         desc=f"pretrain {args.model}",
+        late_tokens=late_tokens,
+        late_epoch=args.canonical_epochs,
     )
     wall = time.time() - t0
 
@@ -389,9 +406,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"per class a pool of {tokens.shape[1]} captions: {len(TEMPLATES)} templates x 10 synonyms "
                 f"(fedsec.models.captions), a share {args.canonical_share} of the pool replaced by the templates "
                 "filled with the canonical class name; captions drawn uniformly from the pool"
+                + (
+                    f"; canonical captions only in the first {args.canonical_epochs} epoch(s), synonyms only after"
+                    if args.canonical_epochs
+                    else ""
+                )
             ),
             "canonical_share": args.canonical_share,
             "canonical_captions_per_class": sum(map(uses_canonical_name, captions[0], [0] * len(captions[0]))),
+            "caption_pool": args.caption_pool,
+            "canonical_epochs": args.canonical_epochs or args.epochs,
             "caption_seed": args.caption_seed,
         },
         "threads": torch.get_num_threads(),

@@ -72,6 +72,17 @@ def test_canonical_captions_cycle_through_templates():
     assert sorted(canonical) == sorted(t.format("coat") for t in TEMPLATES)
 
 
+def test_large_pool_gives_a_finer_share_and_repeats_synonyms_evenly():
+    # Prepare / Execute
+    pool = caption_pool(2, 1 / 320, pool_size=320, seed=0)
+    rest = [c for c in pool if not uses_canonical_name(c, 2)]
+    # Assert: one canonical caption in 320, every synonym caption of the class twice but one once
+    assert len(pool) == 320 and len(pool) - len(rest) == 1
+    counts = {c: rest.count(c) for c in set(rest)}
+    assert set(counts) == set(synonym_captions(2)) and sorted(set(counts.values())) == [1, 2]
+    assert sum(counts.values()) == 319
+
+
 @pytest.mark.parametrize("share", [-0.1, 1.5])
 def test_share_out_of_range_is_refused(share):
     with pytest.raises(ValueError, match="canonical_share"):
@@ -89,7 +100,8 @@ def test_v2_manifest_matches_shipped_checkpoint():
     assert manifest["command"].startswith("python -m fedsec.pretrain ") and f"--model {V2}" in manifest["command"]
     share = manifest["captions"]["canonical_share"]
     assert 0 < share < 1 and f"--canonical-share {share}" in manifest["command"]
-    assert manifest["captions"]["canonical_captions_per_class"] == round(share * 160)
+    pool = manifest["captions"]["caption_pool"]
+    assert manifest["captions"]["canonical_captions_per_class"] == round(share * pool)
     assert isinstance(manifest["seed"], int)
 
 

@@ -174,8 +174,9 @@ def caption_pool(
 
     ``round(canonical_share * pool_size)`` entries use the canonical class name
     (cycling through :data:`TEMPLATES` from a seeded offset), the others are
-    distinct synonym captions (a seeded choice among the 160 ``template x
-    synonym`` combinations). With ``canonical_share=0`` and the default
+    synonym captions: a seeded choice among the 160 ``template x synonym``
+    combinations, all of them (each as often, give or take one) when the pool
+    needs more than 160. With ``canonical_share=0`` and the default
     ``pool_size`` the pool is exactly the v1 pool, in v1's order.
 
     Parameters
@@ -185,7 +186,7 @@ def caption_pool(
     canonical_share : float
         Share of the pool that uses the canonical name, in ``[0, 1]``.
     pool_size : int
-        Entries per class (at most 160 synonym captions can fill the rest).
+        Entries per class; a larger pool allows a finer share (1 / ``pool_size``).
     seed : int
         Seed of the choice of synonym captions and of the template offset.
     canonical_names : list of str, optional
@@ -199,16 +200,16 @@ def caption_pool(
     Raises
     ------
     ValueError
-        If ``canonical_share`` is outside ``[0, 1]`` or the pool cannot be filled.
+        If ``canonical_share`` is outside ``[0, 1]`` or ``pool_size`` < 1.
     """
     if not 0.0 <= canonical_share <= 1.0:
         raise ValueError(f"canonical_share must lie in [0, 1], got {canonical_share}")
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be positive, got {pool_size}")
     names = canonical_names or CANONICAL_NAMES
     synonyms = synonym_captions(class_index)
     n_canonical = int(round(canonical_share * pool_size))
     n_synonym = pool_size - n_canonical
-    if n_synonym > len(synonyms):
-        raise ValueError(f"pool_size {pool_size} needs {n_synonym} synonym captions; there are {len(synonyms)}")
     if n_canonical == 0 and n_synonym == len(synonyms):
         return synonyms
     import numpy as np
@@ -216,8 +217,9 @@ def caption_pool(
     rng = np.random.default_rng([seed, class_index])
     offset = int(rng.integers(len(TEMPLATES)))
     canonical = [TEMPLATES[(offset + i) % len(TEMPLATES)].format(names[class_index]) for i in range(n_canonical)]
-    keep = np.sort(rng.permutation(len(synonyms))[:n_synonym])
-    return canonical + [synonyms[i] for i in keep]
+    reps = -(-n_synonym // len(synonyms))  # ceil
+    order = np.concatenate([rng.permutation(len(synonyms)) for _ in range(reps)])[:n_synonym]
+    return canonical + [synonyms[i] for i in np.sort(order)]
 
 
 def uses_canonical_name(caption: str, class_index: int, canonical_names: list[str] | None = None) -> bool:
