@@ -242,6 +242,7 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
         ),
         "",
         f"Final prompt bit-identical to the simulation's: {result.get('final_prompt_identical', '-')}.",
+        *(["", f"Note: {result['note']}"] if result.get("note") else []),
         "",
         f"Settings: {result.get('settings', {})}.",
         "",
