@@ -61,10 +61,15 @@ def read_state_dict(path: str | Path) -> dict:
     try:
         sd = load_state_dict(str(path), device="cpu", weights_only=True)
     except Exception as exc:  # torch/pickle/safetensors raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if "weights_only" in text or "Unpickl" in type(exc).__name__:
+            # torch's message suggests weights_only=False, which would run arbitrary code from the file
+            why = "not a file of tensors: torch.load(weights_only=True) refused it"
+        else:
+            why = f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:160]}"
         raise CheckpointMismatch(
-            f"checkpoint {path} is not a readable PyTorch/safetensors state_dict ({type(exc).__name__}: "
-            f"{first[:160]}); save one with torch.save(model.state_dict(), path)"
+            f"checkpoint {path} is not a readable PyTorch/safetensors state_dict ({why}); "
+            "save one with torch.save(model.state_dict(), path)"
         ) from exc
     if not isinstance(sd, dict) or not sd:
         raise CheckpointMismatch(f"checkpoint {path} holds no state_dict (got {type(sd).__name__})")
