@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import pytest
 
 from tests.conftest import needs_fmnist
 from tests.deploy_helpers import load_deploy
 
-pytestmark = [pytest.mark.e2e, needs_fmnist]
-
 # Away from tests/test_deploy.py (19091...) and the simulation SuperLink (39091/39093).
 SUPERLINK_PORT = 19161
 NODE_PORT_BASE = 19162
 
 
+@pytest.mark.e2e
+@needs_fmnist
 def test_warm_clientapp_deployment_runs_every_round_and_stops_cleanly(tmp_path):
     # Prepare: 3 SuperNodes in --isolation process, each with a warm SuperExec (no TLS: the path under test
     # is the SuperNode <-> SuperExec <-> ClientApp side, which is loopback HTTP in both modes)
@@ -58,3 +60,31 @@ def test_warm_clientapp_deployment_runs_every_round_and_stops_cleanly(tmp_path):
         assert "forkserver ready" in text and "Successfully installed fedsec" in text, name
     assert dep.started_pids and not leftovers, f"processes left running: {leftovers}"
     assert not bound, f"ports still bound: {bound}"
+
+
+def test_killing_a_warm_supernode_takes_its_superexec_and_clientapps_with_it(tmp_path):
+    # Prepare: stand-ins for a SuperNode and its warm SuperExec with a running child (no Flower needed)
+    deploy = load_deploy()
+    cfg = deploy.DeployConfig(work_dir=tmp_path / "work", num_nodes=1, warm_clientapp=True)
+    dep = deploy.Deployment(cfg, quiet=True)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    spawner = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(300)"]
+    node = dep._popen("supernode-0", sleeper)
+    warm = dep._popen("warm-superexec-0", spawner + sleeper)
+    deadline = time.monotonic() + 30
+    while not deploy.descendants(warm.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = deploy.descendants(warm.pid)
+
+    # Execute
+    try:
+        killed = dep.kill_supernode(0)
+    finally:
+        dep.stop()
+
+    # Assert: the node, its SuperExec and the SuperExec's child were signalled and are gone; the SuperExec is
+    # no longer tracked (start_supernode starts a new one beside the restarted node)
+    assert child and {node.pid, warm.pid, *child} <= set(killed)
+    assert not any(deploy.pid_alive(p) for p in killed)
+    assert "warm-superexec-0" not in dep.procs
+    assert not (cfg.work_dir / "pids" / "warm-superexec-0.pid").exists()

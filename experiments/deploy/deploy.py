@@ -526,6 +526,10 @@ class Deployment:
         name = f"supernode-{pid}"
         proc = self.procs.pop(name)
         tree = [proc.pid, *descendants(proc.pid)]
+        warm = self.procs.pop(f"warm-superexec-{pid}", None)
+        if warm is not None:  # --warm-clientapp: the node's SuperExec and its ClientApp children go with it
+            tree += [warm.pid, *descendants(warm.pid)]
+            (self.pid_dir / f"warm-superexec-{pid}.pid").unlink(missing_ok=True)
         self.stopped_pids.update(tree)
         for p in tree:
             try:
@@ -533,6 +537,8 @@ class Deployment:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+        if warm is not None:
+            warm.wait(timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
             time.sleep(0.1)
