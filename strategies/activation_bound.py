@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.common import StrategyWrapper
+from strategies.common import StrategyWrapper, require_key
 from strategies.registry import StrategyContext, register_wrapper
 
 #: Record key of the bounds in the messages to the clients.
@@ -66,9 +66,13 @@ class ActivationBoundWrapper(StrategyWrapper):
     Parameters
     ----------
     inner : Strategy
-        Any strategy whose aggregate holds ``"ctx"``.
+        Any strategy whose aggregate holds the array ``array_name``.
     learn : callable
-        ``(ctx, server_round) -> (bounds as name -> array, metrics)``.
+        ``(array, server_round) -> (bounds as name -> array, metrics)``.
+    array_name : str
+        The model array the bounds are learned for (the ServerApp names fedsec's
+        ``ctx``); an aggregate or instruction without it raises
+        :class:`~strategies.common.MissingKeyError`.
 
     Attributes
     ----------
@@ -76,9 +80,15 @@ class ActivationBoundWrapper(StrategyWrapper):
         The newest bounds (None before the first aggregation).
     """
 
-    def __init__(self, inner: Strategy, learn: Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]]) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        learn: Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]],
+        array_name: str,
+    ) -> None:
         self.inner = inner
         self.learn = learn
+        self.array_name = array_name
         self.bounds: dict[str, np.ndarray] | None = None
         self.shadow: np.ndarray | None = None  # the unfused reference prompt (see aggregate_train)
         self._sent: np.ndarray | None = None  # the global ctx sent to the clients this round
@@ -141,7 +151,7 @@ class ActivationBoundWrapper(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, then add the bounds record to every message."""
-        self._sent = arrays["ctx"].numpy().copy() if "ctx" in arrays else None
+        self._sent = require_key(arrays, self.array_name, "activation bounds").numpy().copy()
         return self._attach(self.inner.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
@@ -149,11 +159,12 @@ class ActivationBoundWrapper(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate with ``inner``, then learn the bounds of the new global model."""
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or "ctx" not in arrays:
+        if arrays is None:
             return arrays, metrics
+        aggregate = require_key(arrays, self.array_name, "activation bounds").numpy()
         if hasattr(self.learn, "reference"):
-            self.learn.reference = self._advance_shadow(arrays["ctx"].numpy())
-        self.bounds, stats = self.learn(arrays["ctx"].numpy(), server_round)
+            self.learn.reference = self._advance_shadow(aggregate)
+        self.bounds, stats = self.learn(aggregate, server_round)
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():
             merged[key] = float(value)
@@ -315,4 +326,6 @@ def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
         return inner
     if sctx.synthetic_data is None:
         raise ValueError("activation-bounds needs the server's synthetic data (StrategyContext.synthetic_data)")
-    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data))
+    if sctx.array_name is None:
+        raise ValueError("activation-bounds needs the name of the prompt array (StrategyContext.array_name)")
+    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), sctx.array_name)

@@ -7,8 +7,8 @@ The registered classes are thin subclasses of Flower's that only
 * clamp the assumed number of Byzantine nodes ``f`` to what the round's
   number of replies ``n`` allows (Krum/MultiKrum: ``n >= 2f + 3``; Bulyan:
   ``n >= 4f + 3``), with a warning, instead of skipping the round;
-* record which node ids were left out (``last_excluded``) and the share of
-  each node in the aggregate (``last_weights``, for the selection rules).
+* report which node ids were left out and the share of each node in the
+  aggregate as a :class:`strategies.detection.Detection` (``detection``).
 
 Run-config parameters: ``num-byzantine`` (f, default 2), ``multikrum-keep``
 (0 = ``n - f``), ``trim-beta`` (0.2), ``clip-norm`` (1.0) and
@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from strategies.common import copy_replies, example_weights, node_id
+from strategies.detection import Detection, DetectionAttributes, detection_of
 from strategies.registry import StrategyContext, register_strategy
 
 
@@ -49,10 +50,8 @@ def bulyan_max_byzantine(num_replies: int, num_byzantine: int) -> int:
     return max(0, min(num_byzantine, (num_replies - 3) // 4))
 
 
-def detection_from_selection(
-    ids: list[int], selected: list[bool], weights: np.ndarray
-) -> tuple[list[int], dict[int, float]]:
-    """Excluded node ids and per-node shares of a selection rule.
+def detection_from_selection(ids: list[int], selected: list[bool], weights: np.ndarray) -> Detection:
+    """The :class:`Detection` of a selection rule: the unselected nodes and per-node shares.
 
     Parameters
     ----------
@@ -65,22 +64,19 @@ def detection_from_selection(
 
     Returns
     -------
-    tuple[list[int], dict[int, float]]
+    Detection
         Ids not selected, and node id -> share in the weighted average (0 when
         not selected).
     """
     w = np.where(np.asarray(selected, dtype=bool), weights, 0.0)
     total = float(w.sum())
     shares = w / total if total > 0 else w
-    excluded = [i for i, s in zip(ids, selected, strict=True) if not s]
-    return excluded, {i: float(s) for i, s in zip(ids, shares, strict=True)}
+    excluded = tuple(i for i, s in zip(ids, selected, strict=True) if not s)
+    return Detection(excluded, {i: float(s) for i, s in zip(ids, shares, strict=True)})
 
 
-class _KrumDetection:
+class _KrumDetection(DetectionAttributes):
     """Mixin for Flower's Krum/MultiKrum: clamp f per round, record the selection."""
-
-    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
-    reports_detection = True
 
     num_malicious_nodes: int
     num_nodes_to_select: int
@@ -89,8 +85,7 @@ class _KrumDetection:
     def _init_detection(self, num_byzantine: int, num_to_keep: int) -> None:
         self.num_byzantine = num_byzantine
         self.num_to_keep = num_to_keep
-        self.last_excluded: list[int] = []
-        self.last_weights: dict[int, float] = {}
+        self.detection: Detection | None = Detection()
 
     def _num_to_select(self, num_replies: int, f: int) -> int:
         return self.num_to_keep
@@ -113,12 +108,12 @@ class _KrumDetection:
             )
         self.num_malicious_nodes = f
         self.num_nodes_to_select = max(1, min(len(valid), self._num_to_select(len(valid), f)))
-        self.last_excluded, self.last_weights = [], {}
+        self.detection = Detection()
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None and valid:
             contents = [m.content for m in valid]
             chosen = {id(c) for c in select_multikrum(contents, f, self.num_nodes_to_select)}
-            self.last_excluded, self.last_weights = detection_from_selection(
+            self.detection = detection_from_selection(
                 [node_id(m) for m in valid],
                 [id(c) in chosen for c in contents],
                 example_weights(contents, self.weighted_by_key),
@@ -145,22 +140,18 @@ class DetectingMultiKrum(_KrumDetection, MultiKrum):
         return self.num_to_keep if self.num_to_keep > 0 else num_replies - f
 
 
-class DetectingBulyan(Bulyan):
+class DetectingBulyan(DetectionAttributes, Bulyan):
     """Flower's Bulyan with f clamped to ``(n - 3) // 4`` and the Multi-Krum stage recorded.
 
     With fewer than 3 replies Bulyan is undefined; the round falls back to FedAvg.
     """
-
-    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
-    reports_detection = True
 
     def __init__(self, num_byzantine: int = 2, **kwargs: object) -> None:
         super().__init__(num_malicious_nodes=num_byzantine, **kwargs)  # type: ignore[arg-type]
         self.num_byzantine = num_byzantine
         self.selection_rule = self._recording_selection
         self._selected: list[RecordDict] = []
-        self.last_excluded: list[int] = []
-        self.last_weights: dict[int, float] = {}
+        self.detection: Detection | None = Detection()
 
     def _recording_selection(
         self, contents: list[RecordDict], num_malicious_nodes: int, num_nodes_to_select: int
@@ -174,7 +165,7 @@ class DetectingBulyan(Bulyan):
         """Flower's Bulyan on copies of the replies, then record the selection."""
         replies = copy_replies(replies)
         valid = [m for m in replies if not m.has_error()]
-        self.last_excluded, self.last_weights, self._selected = [], {}, []
+        self.detection, self._selected = Detection(), []
         if not valid:
             return None, None
         if len(valid) < 3:
@@ -188,17 +179,12 @@ class DetectingBulyan(Bulyan):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             chosen = {id(c) for c in self._selected}
-            self.last_excluded = [nid for cid, nid in ids.items() if cid not in chosen]
+            self.detection = Detection(tuple(nid for cid, nid in ids.items() if cid not in chosen))
         return arrays, metrics
 
 
-class _NoDetection:
-    """Mixin: empty detection attributes for rules that exclude no node."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_excluded: list[int] = []
-        self.last_weights: dict[int, float] = {}
+class _NoDetection(DetectionAttributes):
+    """Mixin: ``detection`` is ``None`` (the rule excludes no node); ``last_excluded`` is empty."""
 
 
 class CopyingFedMedian(_NoDetection, FedMedian):
@@ -225,18 +211,25 @@ class CopyingDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed-clipping DP wrapper on copies of the replies.
 
     Flower replaces the arrays of the replies it clips; this subclass gives it
-    copies. ``last_excluded``/``last_weights`` are those of the wrapped strategy.
+    copies. ``detection`` is that of the wrapped strategy.
     """
+
+    @property
+    def detection(self) -> Detection | None:
+        """The wrapped strategy's :class:`Detection`."""
+        return detection_of(self.strategy)
 
     @property
     def last_excluded(self) -> list[int]:
         """Node ids excluded by the wrapped strategy."""
-        return list(getattr(self.strategy, "last_excluded", []))
+        d = self.detection
+        return list(d.excluded) if d is not None else []
 
     @property
     def last_weights(self) -> dict[int, float]:
-        """Per-node weights of the wrapped strategy."""
-        return dict(getattr(self.strategy, "last_weights", {}))
+        """Per-node shares of the wrapped strategy."""
+        d = self.detection
+        return dict(d.weights) if d is not None else {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -2,21 +2,22 @@
 
 Copies of reply messages (a strategy never mutates what it receives), the
 flattening of an ``ArrayRecord`` into one vector and back, the stacking of
-client updates relative to the global arrays, and a FedAvg base class that
-remembers the arrays it sent so that a rule can work on updates.
+client updates relative to the global arrays, and the base of wrappers. The
+base of aggregation rules is :class:`strategies.base.UpdateRule`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from logging import INFO
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
+
+from strategies.detection import Detection, detection_of
 
 NDArray = np.ndarray
 
@@ -58,31 +59,65 @@ def node_id(msg: Message) -> int:
     return int(msg.metadata.src_node_id)
 
 
-def client_key(msg: Message, metric_key: str = "partition-id") -> int:
-    """A client identity that survives restarts: the reported ``partition-id``, else the node id.
+def reported_id(msg: Message, metric_key: str) -> int | None:
+    """The integer ``metric_key`` a reply reports in one of its metric records, ``None`` when absent."""
+    if msg.has_content():
+        for record in msg.content.metric_records.values():
+            if metric_key in record:
+                return int(record[metric_key])
+    return None
+
+
+def client_key(msg: Message, metric_key: str | None) -> int:
+    """A client identity that survives restarts: the reported ``metric_key``, else the node id.
 
     Node ids are not stable: the simulation draws new ones for every run (so a
     resumed run has new ones) and a restarted SuperNode without node
     authentication registers under a new one. The fedsec ClientApp reports its
-    partition (its ``--node-config``) in every training reply's metrics.
+    partition (its ``--node-config``) in every training reply's metrics; the
+    ServerApp names that metric (``client_id_key``).
 
     Parameters
     ----------
     msg : Message
         A training reply.
-    metric_key : str
-        Name of the reported identity in the reply's metric records.
+    metric_key : str or None
+        Name of the reported identity in the reply's metric records (``None``: use node ids).
 
     Returns
     -------
     int
-        The reported partition id, or ``node_id(msg)`` when none is reported.
+        The reported identity, or ``node_id(msg)`` when none is reported.
     """
-    if msg.has_content():
+    if metric_key is not None and msg.has_content():
         for record in msg.content.metric_records.values():
             if metric_key in record:
                 return int(record[metric_key])
     return node_id(msg)
+
+
+class MissingKeyError(KeyError):
+    """A record lacks the key a strategy was told to use (the message names the key and the keys present)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def require_key(record: ArrayRecord | MetricRecord | RecordDict, key: str, user: str) -> object:
+    """``record[key]``, or one clear :class:`MissingKeyError` naming ``key`` and the keys present.
+
+    Parameters
+    ----------
+    record : ArrayRecord, MetricRecord or RecordDict
+        Where ``key`` must be.
+    key : str
+        The key ``user`` was configured with.
+    user : str
+        Who needs it (the error message starts with it).
+    """
+    if key not in record:
+        raise MissingKeyError(f"{user}: no {key!r} in the record; keys present: {sorted(record.keys())}")
+    return record[key]
 
 
 def copy_arrays(arrays: ArrayRecord) -> ArrayRecord:
@@ -165,89 +200,21 @@ def example_weights(contents: Sequence[RecordDict], weight_key: str) -> NDArray:
     return np.array([float(next(iter(c.metric_records.values()))[weight_key]) for c in contents], dtype=np.float64)
 
 
-class GlobalArraysFedAvg(FedAvg):
-    """FedAvg that remembers the arrays it sent in ``configure_train``.
+@runtime_checkable
+class BroadcastsRecords(Protocol):
+    """A strategy that sends records beside the model (e.g. activation bounds) the evaluation also needs."""
 
-    Rules that aggregate updates (client arrays minus global arrays) derive from
-    this class and override only ``aggregate_train`` and ``summary``. Every
-    subclass exposes detection information of its last ``aggregate_train``:
-
-    Attributes
-    ----------
-    global_arrays : ArrayRecord or None
-        A copy of the arrays sent in the last ``configure_train``.
-    last_excluded : list[int]
-        Node ids whose update did not enter the last aggregate.
-    last_weights : dict[int, float]
-        Node id -> share of its update in the last aggregate (empty when the
-        rule does not weight nodes).
-    """
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.global_arrays: ArrayRecord | None = None
-        self.last_excluded: list[int] = []
-        self.last_weights: dict[int, float] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember ``arrays`` and configure training like FedAvg."""
-        self.global_arrays = copy_arrays(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def require_global_arrays(self) -> ArrayRecord:
-        """The remembered global arrays; raise if ``configure_train`` was never called."""
-        if self.global_arrays is None:
-            raise RuntimeError(f"{type(self).__name__}.aggregate_train needs configure_train to run first")
-        return self.global_arrays
-
-    def start_aggregation(self, replies: Iterable[Message]) -> tuple[list[Message], NDArray] | None:
-        """Reset detection, keep the replies without errors and stack their updates.
-
-        Returns
-        -------
-        tuple or None
-            ``(valid replies, updates)`` with one flattened update (client arrays
-            minus the global arrays) per row, or ``None`` when no reply is valid.
-        """
-        self.reset_detection()
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None
-        updates = stack_updates([m.content for m in valid], self.require_global_arrays(), self.arrayrecord_key)
-        return valid, updates
-
-    def reset_detection(self) -> None:
-        """Clear the detection information before a new aggregation."""
-        self.last_excluded = []
-        self.last_weights = {}
-
-    def set_detection(self, ids: Sequence[int], weights: NDArray) -> None:
-        """Record detection information from per-node aggregation weights.
-
-        Parameters
-        ----------
-        ids : sequence of int
-            Node ids, in the order of ``weights``.
-        weights : NDArray
-            Non-negative weight of each node in the aggregate; a node with
-            weight 0 is reported as excluded.
-        """
-        total = float(np.sum(weights))
-        shares = weights / total if total > 0 else np.zeros_like(weights)
-        self.last_weights = {int(i): float(s) for i, s in zip(ids, shares, strict=True)}
-        self.last_excluded = [int(i) for i, w in zip(ids, weights, strict=True) if w <= 0]
-        if self.last_excluded:
-            log(INFO, "%s: excluded nodes %s", type(self).__name__, self.last_excluded)
+    @property
+    def broadcast_records(self) -> dict[str, ArrayRecord]:
+        """Record name -> record sent to the clients with every instruction."""
 
 
 class StrategyWrapper(Strategy):
     """Base of strategies that wrap another one (``Validated``, ``NormClipWrapper``).
 
-    Attributes not found on the wrapper (``fraction_train``, ``reports_detection``,
-    user attributes...) are read from ``inner``, and so is the detection
-    information of its last aggregation.
+    Attributes not found on the wrapper (``fraction_train``, user attributes...)
+    are read from ``inner``; ``detection`` (see :mod:`strategies.base`) is
+    ``inner``'s.
     """
 
     inner: Strategy
@@ -285,11 +252,23 @@ class StrategyWrapper(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
     @property
+    def broadcast_records(self) -> dict[str, ArrayRecord]:
+        """The records ``inner`` sends beside the model (empty when none)."""
+        return self.inner.broadcast_records if isinstance(self.inner, BroadcastsRecords) else {}
+
+    @property
+    def detection(self) -> Detection | None:
+        """The :class:`~strategies.base.Detection` of ``inner``'s last aggregation."""
+        return detection_of(self.inner)
+
+    @property
     def last_excluded(self) -> list[int]:
         """Node ids excluded by ``inner`` in its last aggregation."""
-        return list(getattr(self.inner, "last_excluded", []))
+        d = self.detection
+        return list(d.excluded) if d is not None else []
 
     @property
     def last_weights(self) -> dict[int, float]:
-        """Per-node weights of ``inner``'s last aggregation."""
-        return dict(getattr(self.inner, "last_weights", {}))
+        """Per-node shares of ``inner``'s last aggregation."""
+        d = self.detection
+        return dict(d.weights) if d is not None else {}

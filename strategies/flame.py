@@ -11,21 +11,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from strategies.common import (
-    GlobalArraysFedAvg,
-    NDArray,
-    flatten_arrays,
-    node_id,
-    unflatten_arrays,
-)
+from strategies.base import RoundUpdates, RuleOutput, UpdateRule
+from strategies.common import NDArray
 from strategies.norm_clip import clip_updates
 from strategies.registry import StrategyContext, register_strategy
 from strategies.state import from_json_array, json_array
@@ -121,7 +114,7 @@ def flame_aggregate(updates: NDArray, noise_lambda: float, rng: np.random.Genera
     return FlameResult(update=mean + noise, kept=kept, clip_bound=clip_bound)
 
 
-class Flame(GlobalArraysFedAvg):
+class Flame(UpdateRule):
     """FLAME: cluster, clip to the median norm, average, add noise.
 
     Parameters
@@ -131,7 +124,7 @@ class Flame(GlobalArraysFedAvg):
     seed : int
         Seed of the noise generator.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`strategies.base.UpdateRule` (and FedAvg).
 
     Attributes
     ----------
@@ -139,8 +132,8 @@ class Flame(GlobalArraysFedAvg):
         The median norm used as clipping bound in the last round.
     """
 
-    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
-    reports_detection = True
+    detects = True
+    metrics_of_excluded = False
 
     def __init__(self, noise_lambda: float = 0.001, seed: int = 0, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -164,30 +157,15 @@ class Flame(GlobalArraysFedAvg):
         if "rng" in state:
             self.rng.bit_generator.state = from_json_array(state["rng"])
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the majority cluster's clipped updates plus noise."""
-        started = self.start_aggregation(replies)
-        if started is None:
-            return None, None
-        valid, updates = started
-        global_arrays = self.require_global_arrays()
-        contents = [m.content for m in valid]
-        result = flame_aggregate(updates, self.noise_lambda, self.rng)
+    def aggregate_updates(self, round_updates: RoundUpdates) -> RuleOutput:
+        """The majority cluster's clipped updates, averaged, plus noise (:func:`flame_aggregate`)."""
+        result = flame_aggregate(round_updates.updates, self.noise_lambda, self.rng)
         self.last_clip_bound = result.clip_bound
-        self.set_detection([node_id(m) for m in valid], result.kept.astype(np.float64))
-        log(INFO, "flame: kept %d of %d, clip bound %.6g", int(result.kept.sum()), len(valid), result.clip_bound)
-        base = flatten_arrays(global_arrays, list(global_arrays.keys()))
-        arrays = unflatten_arrays(base + result.update, global_arrays)
-        kept_contents = [c for c, k in zip(contents, result.kept, strict=True) if k]
-        metrics = self.train_metrics_aggr_fn(kept_contents, self.weighted_by_key)
-        return arrays, metrics
+        log(INFO, "flame: kept %d of %d, clip bound %.6g", int(result.kept.sum()), result.kept.size, result.clip_bound)
+        return RuleOutput(result.update, result.kept.astype(np.float64))
 
 
 @register_strategy("flame", params={"flame-noise-lambda": 0.001})
 def flame(sctx: StrategyContext) -> Flame:
     """FLAME with HDBSCAN filtering, median-norm clipping and weak noise."""
-    return Flame(
-        noise_lambda=float(sctx.cfg.get("flame-noise-lambda")), seed=int(sctx.cfg.seed), **sctx.fedavg_kwargs()
-    )
+    return Flame(noise_lambda=float(sctx.cfg.get("flame-noise-lambda")), seed=int(sctx.cfg.seed), **sctx.rule_kwargs())

@@ -12,21 +12,15 @@ given global arrays (the update is the difference).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from collections.abc import Callable
+from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from strategies.common import (
-    GlobalArraysFedAvg,
-    NDArray,
-    flatten_arrays,
-    node_id,
-    stack_updates,
-    unflatten_arrays,
-)
+from strategies.base import RoundUpdates, RuleOutput, UpdateRule
+from strategies.common import NDArray, flatten_arrays
 from strategies.registry import StrategyContext, register_strategy
 
 
@@ -60,7 +54,7 @@ def fltrust_aggregate(updates: NDArray, server_update: NDArray) -> tuple[NDArray
     return (trust[:, None] * rescaled).sum(axis=0) / total, trust
 
 
-class FLTrust(GlobalArraysFedAvg):
+class FLTrust(UpdateRule):
     """FLTrust with a server update computed on the server's root set.
 
     Parameters
@@ -71,7 +65,7 @@ class FLTrust(GlobalArraysFedAvg):
         (the ServerApp's root-set trainer keeps a call counter that seeds it),
         they are part of this strategy's checkpointed state.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`strategies.base.UpdateRule` (and FedAvg).
 
     Attributes
     ----------
@@ -79,8 +73,7 @@ class FLTrust(GlobalArraysFedAvg):
         Node id -> raw trust score of the last round.
     """
 
-    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
-    reports_detection = True
+    detects = True
 
     def __init__(self, server_update: Callable[[ArrayRecord], ArrayRecord], **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -104,31 +97,17 @@ class FLTrust(GlobalArraysFedAvg):
         if callable(fn) and own:
             fn(own)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Trust-weighted aggregation; keep the global model if no update is trusted."""
-        self.reset_detection()
-        self.last_trust = {}
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        global_arrays = self.require_global_arrays()
+    def aggregate_updates(self, round_updates: RoundUpdates) -> RuleOutput:
+        """Trust-weighted mean of the rescaled updates (:func:`fltrust_aggregate`); none if nothing is trusted."""
+        global_arrays = round_updates.global_arrays
         keys = list(global_arrays.keys())
-        base = flatten_arrays(global_arrays, keys)
-        server_update = flatten_arrays(self.server_update(global_arrays), keys) - base
-        contents = [m.content for m in valid]
-        updates = stack_updates(contents, global_arrays, self.arrayrecord_key)
-        agg, trust = fltrust_aggregate(updates, server_update)
-        ids = [node_id(m) for m in valid]
-        self.last_trust = {i: float(t) for i, t in zip(ids, trust, strict=True)}
-        self.set_detection(ids, trust)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        reference = flatten_arrays(self.server_update(global_arrays), keys) - flatten_arrays(global_arrays, keys)
+        agg, trust = fltrust_aggregate(round_updates.updates, reference)
+        self.last_trust = {i: float(t) for i, t in zip(round_updates.node_ids, trust, strict=True)}
         if float(trust.sum()) <= 0.0:
-            log(WARNING, "fltrust: no update is trusted, keeping the global model")
-            return None, metrics
+            return RuleOutput(None, trust)
         log(INFO, "fltrust: trust %s", {i: round(t, 4) for i, t in self.last_trust.items()})
-        return unflatten_arrays(base + agg, global_arrays), metrics
+        return RuleOutput(agg, trust)
 
 
 @register_strategy("fltrust", params={"fltrust-root-shots": 10})
@@ -136,4 +115,4 @@ def fltrust(sctx: StrategyContext) -> FLTrust:
     """FLTrust; needs ``StrategyContext.server_update`` (the server's root-set training)."""
     if sctx.server_update is None:
         raise ValueError("strategy 'fltrust' needs a server update function (StrategyContext.server_update)")
-    return FLTrust(server_update=sctx.server_update, **sctx.fedavg_kwargs())
+    return FLTrust(server_update=sctx.server_update, **sctx.rule_kwargs())

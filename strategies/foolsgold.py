@@ -8,8 +8,9 @@ rescales them to a maximum of 1 and passes them through the logit function,
 exactly as in the reference code (github.com/DistributedML/FoolsGold). Sybils
 that push the same direction end up with weight 0.
 
-Histories are keyed by the client's reported ``partition-id`` (node id when
-absent; see :func:`strategies.common.client_key`), so they survive a restarted
+Histories are keyed by the client identity a reply reports under
+``client_id_key`` (the ServerApp passes ``partition-id``; node id when absent,
+see :func:`strategies.common.client_key`), so they survive a restarted
 SuperNode and a resumed run, whose node ids are new. ``state_dict`` /
 ``load_state_dict`` checkpoint them (:mod:`strategies.state`).
 
@@ -27,21 +28,13 @@ the same (zero) weights whatever the float rounding of their cosines.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from strategies.common import (
-    GlobalArraysFedAvg,
-    NDArray,
-    client_key,
-    flatten_arrays,
-    node_id,
-    unflatten_arrays,
-)
+from strategies.base import RoundUpdates, RuleOutput, UpdateRule
+from strategies.common import NDArray
 from strategies.registry import StrategyContext, register_strategy
 
 _EPS = 1e-5
@@ -132,22 +125,24 @@ def foolsgold_aggregate(updates: NDArray, weights: NDArray) -> NDArray:
     return (weights[:, None] * updates).sum(axis=0) / total
 
 
-class FoolsGold(GlobalArraysFedAvg):
-    """FoolsGold with per-node update histories.
+class FoolsGold(UpdateRule):
+    """FoolsGold with per-client update histories.
 
     Parameters
     ----------
+    norm_cap : float
+        Largest L2 norm of an update entering history and aggregate (0 = off).
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`strategies.base.UpdateRule` (``client_id_key`` keys
+        the histories) and FedAvg.
 
     Attributes
     ----------
     histories : dict[int, NDArray]
-        Client key (reported partition id, else node id) -> sum of all updates received from it.
+        Client key (reported ``client_id_key``, else node id) -> sum of all updates received from it.
     """
 
-    #: Excludes or down-weights clients: its choices are scored as detection (TPR/FPR).
-    reports_detection = True
+    detects = True
 
     def __init__(self, norm_cap: float = 1.0, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -173,34 +168,22 @@ class FoolsGold(GlobalArraysFedAvg):
             int(k.split(".", 1)[1]): np.array(v, dtype=np.float64) for k, v in state.items() if k.startswith("history.")
         }
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Update the histories and aggregate with FoolsGold weights."""
-        started = self.start_aggregation(replies)
-        if started is None:
-            return None, None
-        valid, updates = started
-        updates = cap_norms(updates, self.norm_cap)  # as the reference implementations, before history and aggregate
-        global_arrays = self.require_global_arrays()
-        contents = [m.content for m in valid]
-        ids = [node_id(m) for m in valid]
-        keys = [client_key(m) for m in valid]
+    def aggregate_updates(self, round_updates: RoundUpdates) -> RuleOutput:
+        """Add the capped updates to the histories; weighted mean with FoolsGold weights (none if all are 0)."""
+        updates = cap_norms(round_updates.updates, self.norm_cap)  # as the reference code: before history and mean
+        keys = round_updates.client_ids
         for k, u in zip(keys, updates, strict=True):
             prev = self.histories.get(k)
             self.histories[k] = u.copy() if prev is None or prev.shape != u.shape else prev + u
         weights = foolsgold_weights(np.stack([self.histories[k] for k in keys]))
-        self.set_detection(ids, weights)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if float(weights.sum()) <= 0.0:
-            log(WARNING, "foolsgold: every weight is 0, keeping the global model")
-            return None, metrics
+            return RuleOutput(None, weights)
+        ids = round_updates.node_ids
         log(INFO, "foolsgold: weights %s", {i: round(float(w), 4) for i, w in zip(ids, weights, strict=True)})
-        base = flatten_arrays(global_arrays, list(global_arrays.keys()))
-        return unflatten_arrays(base + foolsgold_aggregate(updates, weights), global_arrays), metrics
+        return RuleOutput(foolsgold_aggregate(updates, weights), weights)
 
 
 @register_strategy("foolsgold", params={"foolsgold-norm-cap": 1.0})
 def foolsgold(sctx: StrategyContext) -> FoolsGold:
     """FoolsGold against sybils (similar update histories); updates capped at ``foolsgold-norm-cap`` (0 = off)."""
-    return FoolsGold(norm_cap=float(sctx.cfg.get("foolsgold-norm-cap")), **sctx.fedavg_kwargs())
+    return FoolsGold(norm_cap=float(sctx.cfg.get("foolsgold-norm-cap")), **sctx.rule_kwargs())

@@ -1,7 +1,8 @@
 """Server fusion on foundation-model synthetic data, around any aggregation rule.
 
 After the wrapped rule aggregates the clients' prompts, the server tunes the
-global ``ctx`` on its labeled synthetic set (``server-fusion = "tune"``:
+global prompt (the array named ``array_name`` of the aggregate; the ServerApp
+names fedsec's ``ctx``) on its labeled synthetic set (``server-fusion = "tune"``:
 ``fusion-steps`` SGD steps at ``fusion-lr``, cross-entropy on the frozen image
 features of the synthetic images). That is how an FM-FL server brings the
 foundation model's knowledge into the global model every round, and how a
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsec.registry import Registry
 from fedsec.synthetic import synthetic_param_defaults
-from strategies.common import StrategyWrapper
+from strategies.common import StrategyWrapper, require_key
 from strategies.registry import StrategyContext, register_wrapper
 
 #: ``(prompt model, synthetic features, labels, cfg, seed) -> stats``; tunes ``model.prompt_learner.ctx`` in place.
@@ -53,11 +54,13 @@ class ServerFusion(StrategyWrapper):
     Parameters
     ----------
     inner : Strategy
-        Any strategy whose aggregate holds ``"ctx"``.
+        Any strategy whose aggregate holds the array ``array_name``.
     fuse : callable
-        ``(ctx, server_round) -> (new ctx, metrics)``.
+        ``(array, server_round) -> (new array, metrics)``.
     mode : str
         Name of the fusion (logs).
+    array_name : str
+        The array of the aggregate to fuse (a missing one raises :class:`~strategies.common.MissingKeyError`).
 
     Attributes
     ----------
@@ -67,10 +70,13 @@ class ServerFusion(StrategyWrapper):
         the synthetic set with it, ``bounds-data = "filtered"``).
     """
 
-    def __init__(self, inner: Strategy, fuse: Callable[[np.ndarray, int], tuple[np.ndarray, dict]], mode: str) -> None:
+    def __init__(
+        self, inner: Strategy, fuse: Callable[[np.ndarray, int], tuple[np.ndarray, dict]], mode: str, array_name: str
+    ) -> None:
         self.inner = inner
         self.fuse = fuse
         self.mode = mode
+        self.array_name = array_name
         self.pre_fusion_ctx: np.ndarray | None = None
 
     def summary(self) -> None:
@@ -81,13 +87,13 @@ class ServerFusion(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate with ``inner``, then fuse the global ``ctx`` on the synthetic data."""
+        """Aggregate with ``inner``, then fuse the global ``array_name`` on the synthetic data."""
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or "ctx" not in arrays:
+        if arrays is None:
             return arrays, metrics
-        self.pre_fusion_ctx = arrays["ctx"].numpy().copy()
+        self.pre_fusion_ctx = require_key(arrays, self.array_name, "server fusion").numpy().copy()
         ctx, stats = self.fuse(self.pre_fusion_ctx, server_round)
-        out = ArrayRecord({k: (Array(ctx) if k == "ctx" else v) for k, v in arrays.items()})
+        out = ArrayRecord({k: (Array(ctx) if k == self.array_name else v) for k, v in arrays.items()})
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():
             merged[key] = float(value)
@@ -126,6 +132,8 @@ def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
         return inner
     if sctx.synthetic_data is None:
         raise ValueError("server-fusion needs the server's synthetic data (StrategyContext.synthetic_data)")
+    if sctx.array_name is None:
+        raise ValueError("server-fusion needs the name of the prompt array (StrategyContext.array_name)")
     fusion = FUSIONS.get(mode)
     state: dict = {}
 
@@ -140,4 +148,4 @@ def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
         stats = fusion(state["model"], state["features"], state["labels"], cfg, cfg.seed * 7_919 + server_round)
         return get_ctx(state["model"]), stats
 
-    return ServerFusion(inner, fuse, mode)
+    return ServerFusion(inner, fuse, mode, sctx.array_name)

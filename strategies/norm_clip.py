@@ -4,7 +4,8 @@ Each update (client arrays minus global arrays) is scaled down to at most
 ``clip-norm`` in L2 norm before averaging, which bounds how far one round can
 move the global model. Two forms are provided:
 
-* :class:`NormClip`, registered as ``"norm-clip"``: FedAvg over clipped updates;
+* :class:`NormClip`, registered as ``"norm-clip"``: FedAvg over clipped updates
+  (the wrapper around Flower's FedAvg);
 * :class:`NormClipWrapper`: clipping in front of *any* Flower strategy,
   including a user's own FedAvg subclass.
 
@@ -41,7 +42,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from strategies.common import (
-    GlobalArraysFedAvg,
     NDArray,
     StrategyWrapper,
     copy_arrays,
@@ -112,40 +112,6 @@ def clip_replies(
     return out, clipped
 
 
-class NormClip(GlobalArraysFedAvg):
-    """FedAvg over updates clipped to ``clip_norm`` (L2).
-
-    Parameters
-    ----------
-    clip_norm : float
-        The norm bound of each update.
-    **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
-    """
-
-    def __init__(self, clip_norm: float = 1.0, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        if clip_norm <= 0:
-            raise ValueError("clip_norm must be positive")
-        self.clip_norm = clip_norm
-
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> Norm clipping: bound %s", self.clip_norm)
-        super().summary()
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg over copies of the replies with clipped updates."""
-        self.reset_detection()
-        clipped_replies, n_clipped = clip_replies(
-            replies, self.require_global_arrays(), self.clip_norm, self.arrayrecord_key
-        )
-        log(INFO, "norm-clip: %d of %d updates clipped to %s", n_clipped, len(clipped_replies), self.clip_norm)
-        return super().aggregate_train(server_round, clipped_replies)
-
-
 class NormClipWrapper(StrategyWrapper):
     """Clip updates to ``clip_norm`` in front of any strategy.
 
@@ -193,6 +159,21 @@ class NormClipWrapper(StrategyWrapper):
         clipped_replies, n_clipped = clip_replies(replies, self.global_arrays, self.clip_norm, self.array_key)
         log(INFO, "norm-clip: %d of %d updates clipped to %s", n_clipped, len(clipped_replies), self.clip_norm)
         return self.inner.aggregate_train(server_round, clipped_replies)
+
+
+class NormClip(NormClipWrapper):
+    """FedAvg over updates clipped to ``clip_norm`` (L2): :class:`NormClipWrapper` around Flower's FedAvg.
+
+    Parameters
+    ----------
+    clip_norm : float
+        The norm bound of each update.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(self, clip_norm: float = 1.0, **kwargs: object) -> None:
+        super().__init__(FedAvg(**kwargs), clip_norm)  # type: ignore[arg-type]
 
 
 @register_strategy("norm-clip", params={"clip-norm": 1.0})

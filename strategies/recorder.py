@@ -14,7 +14,7 @@ logged with their node ids and counted in the round's row
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import WARNING
 
 import numpy as np
@@ -23,7 +23,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.common import StrategyWrapper
+from strategies.common import BroadcastsRecords, StrategyWrapper, node_id, reported_id
+from strategies.detection import detection_of
 
 
 class Recorder(StrategyWrapper):
@@ -39,16 +40,38 @@ class Recorder(StrategyWrapper):
     sink : callable
         Receives a dict with ``partitions`` (node id -> partition id),
         ``updates`` (partition id -> flattened update), ``flagged`` (partition
-        ids excluded or down-weighted, or ``None`` when the rule reports
-        nothing), ``train_loss``, ``rejected``, ``num_replies``, and the fault
-        counts ``num_sent``, ``failed_replies`` (error replies),
-        ``missing_replies`` (no reply in time) and ``failed_nodes`` (their node ids).
+        ids excluded or down-weighted, from the inner strategy's
+        :class:`~strategies.detection.Detection`, or ``None`` when it reports
+        none), ``num_replies``, each of ``metric_keys`` found in the aggregated
+        metrics (dashes as underscores), and the fault counts ``num_sent``,
+        ``failed_replies`` (error replies), ``missing_replies`` (no reply in
+        time) and ``failed_nodes`` (their node ids).
+    arrayrecord_key : str
+        Record key of the arrays in the replies (the update is every array of
+        it minus the array of the same name sent).
+    client_id_key : str
+        Metric a reply reports its partition (client identity) under; replies
+        without it are left out of ``partitions`` and ``updates``.
+    metric_keys : sequence of str
+        Aggregated training metrics handed to ``sink``.
     """
 
-    def __init__(self, inner: Strategy, sink, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        sink,
+        round_offset: int = 0,
+        *,
+        arrayrecord_key: str,
+        client_id_key: str,
+        metric_keys: Sequence[str] = (),
+    ) -> None:
         self.inner = inner
         self.sink = sink
         self.round_offset = round_offset
+        self.arrayrecord_key = arrayrecord_key
+        self.client_id_key = client_id_key
+        self.metric_keys = tuple(metric_keys)
         self._sent: dict[str, np.ndarray] = {}
         self._instructions: list[Message] = []  # this round's (Flower sets their message ids when pushing)
 
@@ -75,12 +98,13 @@ class Recorder(StrategyWrapper):
             try:
                 if msg.has_error():
                     continue
-                pid = int(msg.content["metrics"]["partition-id"])
-                node = int(msg.metadata.src_node_id)
-                partitions[node] = pid
-                ctx = msg.content["arrays"]["ctx"].numpy()
-                if ctx.shape == self._sent["ctx"].shape and np.all(np.isfinite(ctx)):
-                    updates[pid] = (ctx - self._sent["ctx"]).astype(np.float64).ravel()
+                pid = reported_id(msg, self.client_id_key)
+                if pid is None:
+                    continue
+                partitions[node_id(msg)] = pid
+                update = self._update(msg.content[self.arrayrecord_key])
+                if update is not None:
+                    updates[pid] = update
             except Exception:  # malformed replies are the validator's business
                 continue
         sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._instructions}
@@ -97,14 +121,10 @@ class Recorder(StrategyWrapper):
                 faults["failed_nodes"],
             )
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, replies)
+        detection = detection_of(self.inner)
         flagged = None
-        if getattr(self.inner, "reports_detection", False):
-            excluded = set(getattr(self.inner, "last_excluded", []) or [])
-            weights = getattr(self.inner, "last_weights", {}) or {}
-            if weights:
-                top = max(weights.values())
-                excluded |= {n for n, w in weights.items() if top > 0 and w < 0.5 * top}
-            flagged = sorted(partitions[n] for n in excluded if n in partitions)
+        if detection is not None:
+            flagged = sorted(partitions[n] for n in detection.flagged() if n in partitions)
         info = {
             "partitions": partitions,
             "updates": updates,
@@ -112,15 +132,27 @@ class Recorder(StrategyWrapper):
             "num_replies": len(replies),
             **faults,
         }
-        records = getattr(self.inner, "broadcast_records", None)  # e.g. activation bounds sent beside ctx
-        if records:
+        records = self.inner.broadcast_records if isinstance(self.inner, BroadcastsRecords) else None
+        if records:  # e.g. activation bounds sent beside the model
             info["records"] = {name: {k: v.numpy() for k, v in rec.items()} for name, rec in records.items()}
         if metrics is not None:
-            for key in ("train-loss", "train-acc", "rejected-replies"):
+            for key in self.metric_keys:
                 if key in metrics:
                     info[key.replace("-", "_")] = float(metrics[key])
         self.sink(info)
         return arrays, metrics
+
+    def _update(self, arrays: ArrayRecord) -> np.ndarray | None:
+        """The reply's arrays minus those sent, flattened (float64); ``None`` if they do not match or are not finite."""
+        if set(arrays.keys()) != set(self._sent):
+            return None
+        parts = []
+        for key, sent in self._sent.items():
+            value = arrays[key].numpy()
+            if value.shape != sent.shape or not np.all(np.isfinite(value)):
+                return None
+            parts.append((value - sent).astype(np.float64).ravel())
+        return np.concatenate(parts) if parts else None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -35,23 +35,40 @@ class StrategyContext:
         ``() -> fedsec.synthetic.SyntheticSet``: the foundation model's labeled
         synthetic images (server fusion, activation bounds); which of them an
         attacker poisoned is not part of it.
+    arrayrecord_key, weighted_by_key : str, optional
+        Flower's record keys (FedAvg's arguments; Flower's defaults when ``None``).
+    client_id_key : str, optional
+        Metric of a reply holding a stable client identity (``None``: node ids).
+    array_name : str, optional
+        The array of the ``ArrayRecord`` that server-side model code (fusion,
+        activation bounds) acts on; the wrappers that need it refuse ``None``.
     """
 
     cfg: RunConfig
     num_nodes: int
     server_update: Callable | None = None
     synthetic_data: Callable | None = None
+    arrayrecord_key: str | None = None
+    weighted_by_key: str | None = None
+    client_id_key: str | None = None
+    array_name: str | None = None
 
     def fedavg_kwargs(self) -> dict:
         """Sampling keyword arguments shared by every FedAvg-derived rule."""
         c = self.cfg
+        keys = {"arrayrecord_key": self.arrayrecord_key, "weighted_by_key": self.weighted_by_key}
         return {
             "fraction_train": c.fraction_train,
             "fraction_evaluate": c.fraction_evaluate,
             "min_train_nodes": min(c.min_train_nodes, self.num_nodes),
             "min_evaluate_nodes": 1 if c.fraction_evaluate > 0 else 0,
             "min_available_nodes": min(c.min_train_nodes, self.num_nodes),
+            **{k: v for k, v in keys.items() if v is not None},
         }
+
+    def rule_kwargs(self) -> dict:
+        """Keyword arguments of a :class:`strategies.base.UpdateRule`: FedAvg's and ``client_id_key``."""
+        return {**self.fedavg_kwargs(), "client_id_key": self.client_id_key}
 
 
 StrategyFactory = Callable[[StrategyContext], Strategy]

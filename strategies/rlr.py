@@ -16,20 +16,13 @@ should exceed the expected number of colluding clients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from strategies.common import (
-    GlobalArraysFedAvg,
-    NDArray,
-    example_weights,
-    flatten_arrays,
-    unflatten_arrays,
-)
+from strategies.base import RoundUpdates, RuleOutput, UpdateRule
+from strategies.common import NDArray
 from strategies.registry import StrategyContext, register_strategy
 
 
@@ -79,7 +72,7 @@ def rlr_aggregate(updates: NDArray, weights: NDArray, theta: float) -> tuple[NDA
     return lr * mean, lr
 
 
-class RobustLR(GlobalArraysFedAvg):
+class RobustLR(UpdateRule):
     """FedAvg with the robust learning rate of Ozdayi et al. (2021).
 
     Parameters
@@ -87,7 +80,7 @@ class RobustLR(GlobalArraysFedAvg):
     threshold : float
         See :func:`rlr_threshold_count`.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`strategies.base.UpdateRule` (and FedAvg).
 
     Attributes
     ----------
@@ -107,28 +100,16 @@ class RobustLR(GlobalArraysFedAvg):
         log(INFO, "\t├──> Robust learning rate: threshold %s", self.threshold)
         super().summary()
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate updates with the robust learning rate."""
-        started = self.start_aggregation(replies)
-        if started is None:
-            return None, None
-        valid, updates = started
-        global_arrays = self.require_global_arrays()
-        contents = [m.content for m in valid]
-        weights = example_weights(contents, self.weighted_by_key)
-        theta = rlr_threshold_count(self.threshold, len(valid))
-        agg, lr = rlr_aggregate(updates, weights, theta)
+    def aggregate_updates(self, round_updates: RoundUpdates) -> RuleOutput:
+        """The weighted mean update with the robust learning rate (:func:`rlr_aggregate`)."""
+        theta = rlr_threshold_count(self.threshold, round_updates.updates.shape[0])
+        agg, lr = rlr_aggregate(round_updates.updates, round_updates.weights, theta)
         self.last_flipped_fraction = float(np.mean(lr < 0)) if lr.size else 0.0
         log(INFO, "rlr: theta=%s, %.3f of coordinates flipped", theta, self.last_flipped_fraction)
-        base = flatten_arrays(global_arrays, list(global_arrays.keys()))
-        arrays = unflatten_arrays(base + agg, global_arrays)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        return arrays, metrics
+        return RuleOutput(agg)
 
 
 @register_strategy("rlr", params={"rlr-threshold": 0.4})
 def rlr(sctx: StrategyContext) -> RobustLR:
     """FedAvg with a robust (sign-agreement) server learning rate."""
-    return RobustLR(threshold=float(sctx.cfg.get("rlr-threshold")), **sctx.fedavg_kwargs())
+    return RobustLR(threshold=float(sctx.cfg.get("rlr-threshold")), **sctx.rule_kwargs())

@@ -227,10 +227,10 @@ def common_metric_keys(records: list[MetricRecord]) -> list[str]:
     return [k for k in keys if len({shape(r[k]) for r in records}) == 1]
 
 
-def _reply_order(msg: Message) -> tuple[float, int]:
-    """Sort key of a valid reply: its ``partition-id`` metric when it reports one, then its node id."""
+def _reply_order(msg: Message, metricrecord_key: str, client_id_key: str | None) -> tuple[float, int]:
+    """Sort key of a valid reply: its ``client_id_key`` metric when it reports one, then its node id."""
     try:
-        pid = float(msg.content["metrics"]["partition-id"])  # type: ignore[arg-type]
+        pid = float(msg.content[metricrecord_key][client_id_key])  # type: ignore[arg-type,index]
     except (KeyError, TypeError, ValueError):
         pid = float("inf")
     return (pid if np.isfinite(pid) else float("inf"), node_id(msg))
@@ -258,6 +258,11 @@ class Validated(StrategyWrapper):
     max_weight_ratio : float
         Weights above this multiple of the round's median weight are lowered to it
         (:func:`cap_weights`; 0 = off). The ServerApp passes run-config ``max-weight-ratio``.
+    metricrecord_key : str
+        Name of the one ``MetricRecord`` of a reply (Flower's convention ``"metrics"``).
+    client_id_key : str, optional
+        Metric holding a stable client identity: accepted replies are ordered by it,
+        then by node id (``None``: node id only). The ServerApp passes ``partition-id``.
 
     Attributes
     ----------
@@ -273,8 +278,13 @@ class Validated(StrategyWrapper):
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_num_examples: float = DEFAULT_MAX_NUM_EXAMPLES,
         max_weight_ratio: float = 0.0,
+        *,
+        metricrecord_key: str = "metrics",
+        client_id_key: str | None = None,
     ) -> None:
         self.inner = inner
+        self.metricrecord_key = metricrecord_key
+        self.client_id_key = client_id_key
         self.max_bytes = max_bytes
         self.max_num_examples = max_num_examples
         self.max_weight_ratio = float(max_weight_ratio)
@@ -322,7 +332,7 @@ class Validated(StrategyWrapper):
                 reference,
                 self.max_bytes,
                 array_key=self.array_key,
-                metric_key="metrics",
+                metric_key=self.metricrecord_key,
                 weight_key=self.weight_key,
                 max_num_examples=self.max_num_examples,
             )
@@ -343,7 +353,7 @@ class Validated(StrategyWrapper):
             return None, metrics
         # A fixed order (partition id, then node id): replies arrive in whatever order the clients finish,
         # and float sums in another order differ in the last bits, which training amplifies over rounds.
-        accepted.sort(key=_reply_order)
+        accepted.sort(key=lambda m: _reply_order(m, self.metricrecord_key, self.client_id_key))
         clean = self._harmonised_copies(accepted, reference)
         self._bound_weights(clean)
         try:
@@ -365,7 +375,7 @@ class Validated(StrategyWrapper):
             if msg.has_error() or not msg.has_content():
                 rejected.append((node_id(msg), f"error reply: {_error_reason(msg)}"))
                 continue
-            reason = check_evaluate_reply(msg.content, weight_key=self.weight_key)
+            reason = check_evaluate_reply(msg.content, metric_key=self.metricrecord_key, weight_key=self.weight_key)
             if reason is None:
                 accepted.append(msg)
             else:
@@ -384,9 +394,10 @@ class Validated(StrategyWrapper):
     # -- helpers ------------------------------------------------------------------
     def _bound_weights(self, clean: list[Message]) -> None:
         """Lower reported weights above ``max_weight_ratio`` x the median, in the copies ``clean``."""
-        if self.max_weight_ratio <= 0 or self.weight_key not in clean[0].content["metrics"]:
+        key = self.metricrecord_key
+        if self.max_weight_ratio <= 0 or self.weight_key not in clean[0].content[key]:
             return
-        weights = [float(m.content["metrics"][self.weight_key]) for m in clean]  # type: ignore[arg-type]
+        weights = [float(m.content[key][self.weight_key]) for m in clean]  # type: ignore[arg-type]
         bounded = cap_weights(weights, self.max_weight_ratio)
         for msg, before, after in zip(clean, weights, bounded, strict=True):
             if after < before:
@@ -399,20 +410,20 @@ class Validated(StrategyWrapper):
                     self.max_weight_ratio,
                     after,
                 )
-                old = msg.content["metrics"][self.weight_key]
-                msg.content["metrics"][self.weight_key] = int(after) if isinstance(old, int) else after
+                old = msg.content[key][self.weight_key]
+                msg.content[key][self.weight_key] = int(after) if isinstance(old, int) else after
 
     def _harmonised_copies(self, accepted: list[Message], reference: ArrayRecord | None) -> list[Message]:
         """Copies of ``accepted`` with only the shared metric keys and arrays in reference order."""
-        keys = common_metric_keys([m.content["metrics"] for m in accepted])
-        dropped = {k for m in accepted for k in m.content["metrics"].keys()} - set(keys)
+        keys = common_metric_keys([m.content[self.metricrecord_key] for m in accepted])
+        dropped = {k for m in accepted for k in m.content[self.metricrecord_key].keys()} - set(keys)
         if dropped:
             log(INFO, "validation: metric keys not shared by all replies are ignored: %s", sorted(dropped))
         out: list[Message] = []
         for msg in accepted:
             records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
             for name, record in msg.content.items():
-                if name == "metrics":
+                if name == self.metricrecord_key:
                     records[name] = MetricRecord({k: copy.deepcopy(record[k]) for k in keys})
                 elif name == self.array_key and reference is not None:
                     records[name] = ArrayRecord({k: copy.deepcopy(record[k]) for k in reference.keys()})

@@ -99,7 +99,15 @@ def make_sctx(strategy: str, num_nodes: int, server_update: object = None, **ext
     params = dict(strategy_param_defaults())
     params.update(extra)
     cfg = RunConfig(strategy=strategy, min_train_nodes=2, fraction_evaluate=0.0, extra=params)
-    return StrategyContext(cfg, num_nodes, server_update=server_update)  # type: ignore[arg-type]
+    return StrategyContext(
+        cfg,
+        num_nodes,
+        server_update=server_update,  # type: ignore[arg-type]
+        arrayrecord_key="arrays",
+        weighted_by_key="num-examples",
+        client_id_key="partition-id",
+        array_name="ctx",
+    )
 
 
 def npy_bytes(value: np.ndarray) -> bytes:

@@ -199,7 +199,7 @@ def test_bounds_round_trip_through_records_and_messages():
         }
     )
     inner = Validated(_FedAvg())
-    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: (bounds.to_arrays(), {"bound-loss": 0.0}))
+    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: (bounds.to_arrays(), {"bound-loss": 0.0}), "ctx")
     ctx = np.zeros((2, 3), dtype=np.float32)
     # Execute: round 1 (no bounds yet), aggregation learns bounds, round 2 carries them
     first = configure(wrapper, ctx, [1, 2])
@@ -218,7 +218,7 @@ def test_bounds_round_trip_through_records_and_messages():
 def test_validation_still_checks_ctx_when_bounds_are_sent():
     # Prepare: Validated outside the wrapper (as in the ServerApp); one reply with a wrongly shaped ctx
     bounds = {"l": np.ones(3, dtype=np.float32)}
-    wrapper = Validated(ActivationBoundWrapper(_FedAvg(), lambda ctx, rnd: (bounds, {})))
+    wrapper = Validated(ActivationBoundWrapper(_FedAvg(), lambda ctx, rnd: (bounds, {}), "ctx"))
     ctx = np.zeros((2, 3), dtype=np.float32)
     configure(wrapper, ctx, [1, 2])
     wrapper.aggregate_train(1, [])  # nothing to learn from
@@ -261,11 +261,11 @@ def test_resumed_bound_learner_continues_from_the_checkpointed_bounds(tmp_path):
     }
     expected = {r: ref(ctxs[r], r)[0] for r in range(1, 5)}
     # Execute: 2 rounds, the strategy state through an npz file, a new learner resumes rounds 3-4
-    first = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic))
+    first = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic), "ctx")
     for r in (1, 2):
         first.bounds, _ = first.learn(ctxs[r], r)
     np.savez(tmp_path / "state.npz", **collect_state(first, include_rng=False))
-    resumed = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic))
+    resumed = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic), "ctx")
     with np.load(tmp_path / "state.npz") as saved:
         restore_state(resumed, dict(saved))
     broadcast = bounds_from_content(RecordDict(resumed.broadcast_records)).to_arrays()
@@ -315,14 +315,14 @@ def test_unfused_shadow_adds_the_clients_updates_without_the_fusion_step():
         pre_fusion_ctx = None
 
     inner = _Fused()
-    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: ({}, {}))  # type: ignore[arg-type]
+    wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: ({}, {}), "ctx")  # type: ignore[arg-type]
     g0, p1, fused1, p2 = (np.full((1, 2), v, np.float32) for v in (0.0, 1.0, 5.0, 7.0))
     # Execute: round 1 sends g0, clients move it to p1, fusion makes fused1; round 2 sends fused1, clients reach p2
     wrapper._sent, inner.pre_fusion_ctx = g0, p1
     first = wrapper._advance_shadow(fused1).copy()
     wrapper._sent, inner.pre_fusion_ctx = fused1, p2
     second = wrapper._advance_shadow(np.zeros((1, 2), np.float32)).copy()
-    restored = ActivationBoundWrapper(_Fused(), lambda ctx, rnd: ({}, {}))  # type: ignore[arg-type]
+    restored = ActivationBoundWrapper(_Fused(), lambda ctx, rnd: ({}, {}), "ctx")  # type: ignore[arg-type]
     restored.load_state_dict(wrapper.state_dict())
     # Assert: shadow = g0 + (p1 - g0) = 1, then + (p2 - fused1) = 1 + 2 = 3; it survives a checkpoint
     np.testing.assert_allclose(first, [[1.0, 1.0]])

@@ -23,7 +23,9 @@ SYBIL = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
 
 def _build(name: str, wrap: bool = True):
     load_all()
-    strategy = STRATEGIES.get(name)(make_sctx(name, len(PARTITIONS), **{"flame-noise-lambda": 0.05}))
+    strategy = STRATEGIES.get(name)(
+        make_sctx(name, len(PARTITIONS), **{"flame-noise-lambda": 0.05, "foolsgold-norm-cap": 0.0})
+    )
     return Validated(strategy) if wrap else strategy
 
 
@@ -87,7 +89,9 @@ def test_foolsgold_histories_follow_the_reported_partition_not_the_node_id():
 
 def test_collect_state_walks_wrappers_and_restores_the_global_rngs(tmp_path):
     # Prepare: Recorder(Validated(FoolsGold)) after a round; the global generators at some point
-    strategy = Recorder(_build("foolsgold"), sink=lambda info: None)
+    strategy = Recorder(
+        _build("foolsgold"), sink=lambda info: None, arrayrecord_key="arrays", client_id_key="partition-id"
+    )
     _round(strategy, np.zeros((1, D), np.float32), 1, node_base=100)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.random(), np.random.normal(), torch.rand(1)
@@ -95,7 +99,9 @@ def test_collect_state_walks_wrappers_and_restores_the_global_rngs(tmp_path):
     run_dir = RunDir.create(tmp_path / "run", {})
     run_dir.write_strategy_state(1, collect_state(strategy))
     first = (random.random(), np.random.normal(size=3).tolist(), torch.rand(2).tolist())
-    other = Recorder(_build("foolsgold"), sink=lambda info: None)
+    other = Recorder(
+        _build("foolsgold"), sink=lambda info: None, arrayrecord_key="arrays", client_id_key="partition-id"
+    )
     restore_state(other, run_dir.strategy_state(1))
     again = (random.random(), np.random.normal(size=3).tolist(), torch.rand(2).tolist())
     # Assert: nested keys, the histories back in the inner strategy, the same draws

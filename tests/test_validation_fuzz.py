@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strategies.detection import Detection
 from strategies.registry import STRATEGIES, load_all
 from strategies.validation import REJECTED_KEY, Validated, check_evaluate_reply, check_reply
 from tests.strategy_helpers import (
@@ -262,7 +263,7 @@ class _NoMetricsAvg(FedAvg):
 def test_inner_without_metrics_still_gets_the_rejection_count_and_passthrough():
     # Prepare
     inner = _NoMetricsAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
-    inner.last_excluded = [9]
+    inner.detection = Detection(excluded=(9,))
     strategy = Validated(inner)
     contents = {1: train_content(np.ones(SHAPE, np.float32)), 2: _inf(2)}
 
