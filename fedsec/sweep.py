@@ -346,4 +346,21 @@ def main_report(argv: list[str]) -> None:
     ap.add_argument("--out", default="experiments/results/report")
     a = ap.parse_args(argv)
     dirs = [Path(d) for d in a.run_dirs if (Path(d) / "summary.json").exists()]
-    report(dirs, Path(a.out))
+    failures = {str(d): unfinished_reason(Path(d)) for d in a.run_dirs if not (Path(d) / "summary.json").exists()}
+    if not dirs:
+        raise SystemExit(f"fedsec report: no finished run among {len(a.run_dirs)} directories: {failures}")
+    report(dirs, Path(a.out), failures=failures)
+
+
+def unfinished_reason(run_dir: Path) -> str:
+    """Why a run directory holds no ``summary.json``: the ServerApp's error from its ``flwr.log``, or its progress."""
+    from fedsec.launch import failure_cause
+    from fedsec.rundir import run_progress
+
+    if not run_dir.is_dir():
+        return "no such directory"
+    log = run_dir / "flwr.log"
+    cause = failure_cause(log.read_text(errors="replace")) if log.exists() else ""
+    rounds = run_progress(run_dir)["rounds"]
+    done = f"stopped after round {max(rounds)}" if rounds else "no round finished"
+    return f"{cause} ({done})" if cause else f"unfinished: {done}"

@@ -290,6 +290,22 @@ def test_failed_sweep_cells_are_in_the_report_with_their_reason(tmp_path):
     assert side is not None and "strategy=krum" in side.read_text()
 
 
+def test_report_names_why_a_run_directory_is_unfinished(tmp_path):
+    # Prepare: a run whose ServerApp failed, and one cut after round 1
+    from fedsec.sweep import unfinished_reason
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "flwr.log").write_text(LOG)
+    cut = tmp_path / "cut"
+    RunDir.create(cut, {}).write_checkpoint(1, {"ctx": np.zeros(2, np.float32)})
+    # Execute / Assert
+    assert (
+        unfinished_reason(failed) == "ValueError: n-ctx=6 but ctx-init 'a photo of a' has 4 tokens (no round finished)"
+    )
+    assert unfinished_reason(cut) == "unfinished: stopped after round 1"
+
+
 # ---------------------------------------------------------------- 10: checkpoints
 def test_garbage_checkpoint_is_named_without_unsafe_advice(tmp_path):
     # Prepare
