@@ -1,0 +1,185 @@
+"""Evaluate backdoored and defended CLIP checkpoints (issue 14): zero-shot clean accuracy, ASR, linear-probe ASR.
+
+For the clean embedded model and every checkpoint that ``python -m
+fedsec.backdoor_clip`` wrote under ``--runs`` (``<attack>`` and
+``<attack>+<defense>`` directories), each verified against its manifest's
+SHA-256:
+
+* ``clean_acc``: zero-shot accuracy with the hand-written prompt ``a photo of a {}.``
+  and the canonical class names;
+* ``asr``: the share of non-target images carrying the attack's trigger that
+  this zero-shot classifier assigns to the target class (BadCLIP's ASR);
+* ``linear_probe_acc`` / ``linear_probe_asr``: a logistic regression on frozen
+  features of clean images of the clients' pool (the ``train`` split,
+  ``--probe-per-class`` per class), on clean and on triggered test images;
+* ``clean_acc_synonym`` / ``asr_synonym``: the same zero-shot figures with each
+  class's first pretraining synonym instead of its canonical name (on
+  ``fedsec-tiny-clip`` v1, which never saw the canonical names, the canonical
+  zero-shot classifier is at chance and only these are meaningful);
+* ``promptfl_asr``: left empty (benign PromptFL on each encoder is not run here).
+
+The clean model gets one row per trigger (``attack=none``): what each trigger
+does to a model that was never poisoned.
+
+Run (writes ``experiments/results/backdoored_model.csv`` and ``.md``)::
+
+    .venv/bin/python experiments/backdoored_model.py --runs runs/backdoored
+
+``--split train`` evaluates on held-out images of the clients' pool instead of
+the test split (for choosing settings; writes ``backdoored_model_val.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+
+from fedsec.backdoor_clip import ATTACKS, DEFENSES, load_checked, load_trigger
+from fedsec.data import k_shot_indices, load_dataset, prepare_images
+from fedsec.metrics import accuracy, attack_success_rate
+from fedsec.models.captions import SYNONYMS
+from fedsec.models.factory import create_clip, embedded_manifest
+
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = [
+    "attack",
+    "defense",
+    "trigger",
+    "model",
+    "clean_acc",
+    "asr",
+    "linear_probe_acc",
+    "linear_probe_asr",
+    "promptfl_asr",
+    "clean_acc_synonym",
+    "asr_synonym",
+    "checkpoint_sha256",
+    "command",
+]
+
+
+@torch.no_grad()
+def text_classifier(clip, names: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
+    """L2-normalised text features of ``template`` filled with each class name."""
+    tokens = clip.tokenizer([template.format(n) for n in names])
+    return F.normalize(clip.model.encode_text(tokens), dim=-1)
+
+
+def evaluate(clip, triggers: dict, images, labels, probe_x, probe_y, classnames, target: int) -> list[dict]:
+    """All figures of one checkpoint, one dict per trigger in ``triggers``."""
+    feats = clip.encode_images_batched(images)
+    heads = {"": text_classifier(clip, classnames), "_synonym": text_classifier(clip, [s[0] for s in SYNONYMS])}
+    probe = LogisticRegression(max_iter=2000, C=10.0).fit(clip.encode_images_batched(probe_x).numpy(), probe_y)
+    base = {f"clean_acc{k}": accuracy((feats @ t.T).argmax(-1), labels) for k, t in heads.items()}
+    base["linear_probe_acc"] = accuracy(probe.predict(feats.numpy()), labels)
+    others = labels != target
+    rows = []
+    for name, trigger in triggers.items():
+        with torch.no_grad():
+            trig = clip.encode_images_batched(trigger(images[torch.from_numpy(others)]))
+        row = {"trigger": name, **base}
+        for k, t in heads.items():
+            row[f"asr{k}"] = attack_success_rate((trig @ t.T).argmax(-1), labels[others], target)
+        row["linear_probe_asr"] = attack_success_rate(probe.predict(trig.numpy()), labels[others], target)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    """Evaluate every checkpoint found and write the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs/backdoored", help="directory of the checkpoints")
+    ap.add_argument("--model", default="fedsec-tiny-clip", help="the clean embedded model")
+    ap.add_argument("--split", default="test", choices=["test", "train"], help="test, or the clients' pool (val)")
+    ap.add_argument("--samples", type=int, default=2000, help="evaluation images (seeded subset; 0: all)")
+    ap.add_argument("--probe-per-class", type=int, default=100, help="clean clients' images per class for the probe")
+    ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="", help="CSV path (default experiments/results/backdoored_model[_val].csv)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    runs = Path(args.runs)
+
+    pool = load_dataset("fashion-mnist", "train")
+    probe_idx = k_shot_indices(pool.labels, np.arange(len(pool)), args.probe_per_class, 0)
+    probe_x = prepare_images(pool.images[probe_idx], 32, pool.fit)
+    probe_y = pool.labels[probe_idx]
+    if args.split == "test":
+        data = load_dataset("fashion-mnist", "test")
+        cand = np.arange(len(data))
+    else:  # clients' pool images not used by the probe
+        data = pool
+        cand = np.setdiff1d(np.arange(len(pool)), probe_idx)
+    rng = np.random.default_rng(2024)
+    idx = np.sort(rng.choice(cand, size=args.samples, replace=False)) if args.samples else cand
+    images = prepare_images(data.images[idx], 32, data.fit)
+    labels = data.labels[idx]
+
+    triggers = {a: load_trigger(runs / a / "trigger.pt") for a in ATTACKS if (runs / a / "trigger.pt").exists()}
+    rows = []
+    clean = create_clip(args.model, "embedded")
+    manifest = embedded_manifest(args.model)
+    for r in evaluate(clean, triggers, images, labels, probe_x, probe_y, data.classnames, args.target):
+        rows.append({"attack": "none", "defense": "none", "model": args.model, **r, "command": manifest["command"]})
+        rows[-1]["checkpoint_sha256"] = clean.checkpoint_sha256
+    for attack in ATTACKS:
+        for defense in ("none", *DEFENSES):
+            d = runs / (attack if defense == "none" else f"{attack}+{defense}")
+            if not (d / "model.pt").exists():
+                continue
+            clip = load_checked(d / "model.pt")
+            m = json.loads((d / "model.json").read_text())
+            (r,) = evaluate(clip, {attack: load_trigger(d / "trigger.pt")}, images, labels, probe_x, probe_y,
+                            data.classnames, args.target)  # fmt: skip
+            rows.append(
+                {
+                    "attack": attack,
+                    "defense": defense,
+                    "model": f"{m['model']} <- {d.name}",
+                    **r,
+                    "checkpoint_sha256": clip.checkpoint_sha256,
+                    "command": m["command"],
+                }
+            )
+            print(json.dumps({k: rows[-1][k] for k in COLUMNS[:8]}), flush=True)
+    for row in rows:
+        row["promptfl_asr"] = ""
+        for k in COLUMNS:
+            if isinstance(row.get(k), float):
+                row[k] = round(row[k], 4)
+    suffix = "" if args.split == "test" else "_val"
+    out = Path(args.out) if args.out else RESULTS / f"backdoored_model{suffix}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    head = COLUMNS[:11]
+    lines = [
+        f"# Backdoored CLIP: zero-shot and linear-probe ASR ({args.split} split, {len(idx)} images)",
+        "",
+        f"Clean model `{args.model}`; target class {args.target} ({data.classnames[args.target]}); "
+        f"linear probe on {args.probe_per_class} clean clients' images per class; "
+        f"{time.time() - t0:.0f} s. Commands: `command` column of the CSV and `docs/badclip.md`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in rows:
+        cells = [f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in head]
+        lines.append("| " + " | ".join(cells) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
