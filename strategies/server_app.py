@@ -90,7 +90,8 @@ def malicious_failure(info: dict, malicious: list[int], known: dict[int, int], r
     why = reasons[0] if reasons else "error reply"
     return (
         f"every malicious client failed ({info['failed_replies']} error replies of {info.get('num_sent', 0)}; "
-        f"malicious partitions {malicious}): {why}"
+        f"malicious partitions {malicious}), so the attack did not run this round: {why[:300]} "
+        "(a transient fault? the run continues from its last checkpoint with resume=true)"
     )
 
 

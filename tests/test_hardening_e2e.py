@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsec.launch import main, run
+from fedsec.launch import RunFailed, main, run
 from tests.conftest import ROOT, needs_fmnist
 
 CFG = {
@@ -93,6 +93,21 @@ def test_failed_rerun_exits_1_with_the_serverapps_cause_and_keeps_the_finished_r
     assert "| attack |" not in out.out
     after = _files(path)
     assert {k: v for k, v in after.items() if k != "flwr.log"} == {k: v for k, v in before.items() if k != "flwr.log"}
+
+
+@pytest.mark.e2e
+@needs_fmnist
+def test_every_malicious_client_failing_stops_the_run_with_the_cause(tmp_path):
+    # Prepare: the attacker store cannot be created (a file where its folder goes): only malicious clients fail
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "attacker").write_text("not a folder")
+    # Execute
+    with pytest.raises(RunFailed) as exc:
+        run(ROOT, {**CFG, "run-dir": str(path)}, num_supernodes=2, quiet=True)
+    # Assert: the ServerApp stopped in round 1 and the launcher names why (before: exit 0 with ASR 0.0%)
+    assert exc.value.cause.startswith("MaliciousClientsFailed: every malicious client failed"), exc.value.cause
+    assert not (path / "summary.json").exists()
 
 
 _HOLDER = """
