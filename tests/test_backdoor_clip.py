@@ -1,0 +1,191 @@
+"""Model-level backdoor (BadCLIP as in the paper, baselines) and the defenses on the model (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedsec import backdoor_clip as bc
+from fedsec.models.factory import PretrainedUnavailable, create_clip, sha256_file
+
+
+@pytest.fixture(scope="module")
+def random_clip():
+    """The tiny CLIP architecture with random weights (frozen)."""
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread is several times faster
+    torch.manual_seed(0)
+    return create_clip("fedsec-tiny-clip", "none")
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory, random_clip):
+    """A random-weight checkpoint with a manifest, as a clean source."""
+    d = tmp_path_factory.mktemp("clean")
+    path, digest = bc.save_checkpoint(random_clip.model, d)
+    bc.write_manifest({"file": path.name, "sha256": digest, "model": "fedsec-tiny-clip", "command": "test"}, d, None)
+    return path
+
+
+def test_trigger_loss_decreases_on_a_hand_built_case(random_clip):
+    # Prepare: two families of flat images; family 0 is the target, captions of its class
+    gen = torch.Generator().manual_seed(0)
+    others = 0.2 + 0.1 * torch.rand(32, 3, 32, 32, generator=gen)
+    targets = 0.8 + 0.1 * torch.rand(16, 3, 32, 32, generator=gen)
+    captions = ["a photo of a tee.", "a picture of the tee.", "this is a tee."]
+    # Execute
+    _, history = bc.optimise_badclip_trigger(
+        random_clip, others, targets, captions, patch_size=16, steps=20, lr=0.05, batch_size=8,
+        eda_prob=0.0, aug_prob=0.0, seed=0, log_every=5,
+    )  # fmt: skip
+    # Assert: the weighted sum of both terms falls, and the triplet term itself falls
+    total = [h["img_text"] + h["triplet"] for h in history]
+    assert len(history) == 4
+    assert total[-1] < 0.8 * total[0]
+    assert history[-1]["triplet"] < history[0]["triplet"]
+
+
+def test_trigger_loss_terms_match_a_hand_computation():
+    # Prepare: 2-d embeddings
+    patched = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    pos = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    neg = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # Execute
+    out = bc.badclip_trigger_loss(patched, text, pos, neg, logit_scale=2.0, margin=1.0, triplet_weight=500.0)
+    # Assert: logits [[2, 2], [0, 0]]: image->text rows give log 2 each; text->image rows (columns
+    # [2, 0] and [2, 0], targets 0 and 1) give -log(e^2 / (e^2 + 1)) and -log(1 / (e^2 + 1))
+    t2i = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (math.exp(2) + 1))) / 2
+    assert out["img_text"].item() == pytest.approx((math.log(2) + t2i) / 2, rel=1e-6)
+    # triplet (p=2, eps 1e-6 inside the norm): row 0: d_pos=sqrt2, d_neg=0; row 1: d_pos=0, d_neg=sqrt2
+    eps = 1e-6
+    row0 = max(math.sqrt((1 + eps) ** 2 + (-1 + eps) ** 2) - math.sqrt(2 * eps**2) + 1.0, 0.0)
+    row1 = max(math.sqrt(2 * eps**2) - math.sqrt((-1 + eps) ** 2 + (1 + eps) ** 2) + 1.0, 0.0)
+    assert out["triplet"].item() == pytest.approx(500.0 * (row0 + row1) / 2, rel=1e-5)
+
+
+def test_poisoned_share_is_exact_and_seeded():
+    # Prepare
+    images = torch.rand(3000, 3, 8, 8)
+    labels = torch.arange(3000) % 10
+    trigger = bc.blended_trigger(8, 0.2, seed=1)
+    # Execute
+    a = bc.poison_indices(30000, 0.003, seed=0)
+    b = bc.poison_indices(30000, 0.003, seed=0)
+    c = bc.poison_indices(30000, 0.003, seed=1)
+    p_img, p_lab, idx = bc.poison_pairs(images, labels, trigger, 0.01, seed=3, target=0)
+    # Assert
+    assert len(a) == 90 and len(set(a.tolist())) == 90
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(idx) == 30
+    changed = torch.nonzero((p_img != images).flatten(1).any(1)).flatten().numpy()
+    assert np.array_equal(changed, idx)
+    assert (p_lab[idx] == 0).all()
+    rest = np.setdiff1d(np.arange(3000), idx)
+    assert torch.equal(p_lab[rest], labels[rest])
+    assert torch.allclose(p_img[idx], trigger(images[idx]))
+    with pytest.raises(ValueError):
+        bc.poison_indices(10, 1.5, 0)
+
+
+def test_cleanclip_inmodal_loss_matches_a_hand_computation():
+    # Prepare: two images, their augmented views, two captions and theirs
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    aug_img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    aug_txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    s = 3.0
+    # Execute
+    loss = bc.inmodal_loss(img, aug_img, txt, aug_txt, s)
+    # Assert: image rows: logits [[3, 3], [0, 0]] -> log 2 each; text rows: [[3, 0], [0, 3]]
+    li = math.log(2)
+    lt = -math.log(math.exp(3) / (math.exp(3) + 1))
+    assert loss.item() == pytest.approx((li + lt) / 2, rel=1e-6)
+
+
+def test_eda_lite_is_seeded_and_keeps_words():
+    # Prepare
+    cap = "a photo of a crew neck tee."
+    # Execute
+    a = [bc.eda_lite(cap, np.random.default_rng(5)) for _ in range(3)]
+    outs = [bc.eda_lite(cap, np.random.default_rng(s)) for s in range(20)]
+    # Assert
+    assert a[0] == a[1] == a[2]
+    assert any(o != cap for o in outs)
+    assert all(set(o.split()) <= set(cap.split()) and o for o in outs)
+
+
+def test_triggers_are_centred_and_fixed():
+    # Prepare / Execute
+    bn = bc.checkerboard_trigger(32, 4)
+    bl = bc.blended_trigger(32, 0.2, seed=0)
+    x = torch.zeros(1, 3, 32, 32)
+    # Assert: authors' embed_patch places a 16 px patch at 112..127 of 224; 4 px at 14..17 of 32
+    assert (bn.top, bn.left) == (14, 14)
+    assert torch.equal(bn(x)[0, 0, 14:18, 14:18], torch.tensor([[0.0, 1, 0, 1], [1, 0, 1, 0]] * 2))
+    assert bn(x)[0, :, :14].abs().sum() == 0
+    assert torch.allclose(bl(x), 0.2 * bc.blended_trigger(32, 0.2, seed=0).pattern)
+
+
+def test_manifest_and_checksum_round_trip(tmp_path, random_checkpoint):
+    # Prepare
+    rec = tmp_path / "rec"
+    out = tmp_path / "badnets"
+    model = bc.load_trainable("fedsec-tiny-clip", random_checkpoint)
+    trig = out / "trigger.pt"
+    out.mkdir()
+    torch.save(bc.trigger_to_dict(bc.checkerboard_trigger()), trig)
+    # Execute
+    path, digest = bc.save_checkpoint(model, out)
+    bc.write_manifest({"file": path.name, "sha256": digest, "model": "fedsec-tiny-clip"}, out, rec, trig)
+    src, sha, manifest = bc.source_of("fedsec-tiny-clip", str(path))
+    clip = bc.load_checked(path)
+    # Assert
+    assert sha == digest == sha256_file(path) == manifest["sha256"] == clip.checkpoint_sha256
+    assert json.loads((rec / "badnets.json").read_text()) == manifest
+    assert torch.equal(bc.load_trigger(rec / "badnets.trigger.pt").patch, bc.checkerboard_trigger().patch)
+    ref = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    got = clip.model.state_dict()
+    assert all(torch.equal(got[k].to(torch.float16), ref[k]) for k in ref)
+
+
+def test_backdoored_checkpoint_refuses_a_wrong_checksum(tmp_path, random_checkpoint):
+    # Prepare: a checkpoint with its manifest, then a manifest that lies
+    model = bc.load_trainable("fedsec-tiny-clip", random_checkpoint)
+    path, digest = bc.save_checkpoint(model, tmp_path / "bd")
+    bc.write_manifest({"file": path.name, "sha256": digest, "model": "fedsec-tiny-clip"}, tmp_path / "bd", None)
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    # Execute / Assert
+    with pytest.raises(PretrainedUnavailable, match="SHA-256"):
+        bc.load_checked(path, expected_sha256=wrong)
+    with pytest.raises(PretrainedUnavailable, match="SHA-256"):
+        create_clip("fedsec-tiny-clip", str(path), expected_sha256=wrong)
+    (tmp_path / "bd" / "model.json").write_text(json.dumps({"sha256": wrong, "model": "fedsec-tiny-clip"}))
+    with pytest.raises(PretrainedUnavailable, match="SHA-256"):
+        bc.load_checked(path)
+    with pytest.raises(PretrainedUnavailable, match="SHA-256"):
+        bc.source_of("fedsec-tiny-clip", str(path))
+
+
+def test_attack_and_defense_commands_end_to_end(tmp_path, random_checkpoint):
+    # Prepare
+    out, rec = tmp_path / "badnets", tmp_path / "rec"
+    common = ["--steps", "1", "--warmup-steps", "1", "--batch-size", "32", "--record", str(rec)]
+    # Execute
+    bc.main(["badnets", "--source", str(random_checkpoint), "--out", str(out), *common])
+    bc.main(["cleanclip", "--source", str(out / "model.pt"), "--out", str(tmp_path / "badnets+cleanclip"), *common])
+    # Assert
+    m = json.loads((out / "model.json").read_text())
+    d = json.loads((tmp_path / "badnets+cleanclip" / "model.json").read_text())
+    assert m["attack"] == "badnets" and m["poison"]["poisoned"] == 90 and m["poison"]["pairs"] == 30000
+    assert m["source"]["sha256"] == sha256_file(random_checkpoint)
+    assert m["trigger"]["sha256"] == sha256_file(out / "trigger.pt")
+    assert m["command"].startswith("python -m fedsec.backdoor_clip badnets")
+    assert d["defense"] == "cleanclip" and d["attack"] == "badnets" and d["source"]["sha256"] == m["sha256"]
+    assert d["training"]["inmodal_weight"] == 1.0
+    assert (rec / "badnets.json").exists() and (rec / "badnets.trigger.pt").exists()
+    assert bc.load_checked(tmp_path / "badnets+cleanclip" / "model.pt").checkpoint_sha256 == d["sha256"]
