@@ -34,8 +34,6 @@ import statistics
 import time
 from pathlib import Path
 
-import tomllib
-
 from fedsec.evaluation import format_table
 
 METRICS = (
@@ -55,7 +53,9 @@ METRICS = (
 
 def load_grid(path: Path) -> tuple[dict, dict, dict[str, list]]:
     """Read a grid file: (sweep settings, base config, grid lists)."""
-    data = tomllib.loads(Path(path).read_text())
+    from fedsec.launch import load_toml
+
+    data = load_toml(Path(path))  # a syntax error names the file and the line
     sweep = dict(data.get("sweep", {}))
     sweep.setdefault("name", Path(path).stem)
     base = dict(data.get("base", {}))
@@ -334,7 +334,12 @@ def main_sweep(argv: list[str]) -> None:
     ap.add_argument("--results", default=None, help="results folder (default experiments/results)")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(argv)
-    run_sweep(Path(a.grid), Path(a.app), Path(a.results) if a.results else None, a.dry_run)
+    from fedsec.launch import LaunchError
+
+    try:
+        run_sweep(Path(a.grid), Path(a.app), Path(a.results) if a.results else None, a.dry_run)
+    except LaunchError as exc:
+        raise SystemExit(f"fedsec sweep: error: {exc}") from None
 
 
 def main_report(argv: list[str]) -> None:

@@ -138,6 +138,17 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
         load_toml(bad)
 
 
+def test_a_grid_file_with_a_syntax_error_is_named(tmp_path):
+    # Prepare
+    from fedsec.sweep import load_grid
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nseed = [0,, 1]\n")
+    # Execute / Assert
+    with pytest.raises(LaunchError, match=r"grid\.toml: TOML syntax error: .*line 2"):
+        load_grid(grid)
+
+
 def test_a_folder_that_is_not_the_app_is_named(tmp_path):
     # Prepare / Execute / Assert
     with pytest.raises(LaunchError, match=r"is not the fedsec app folder \(no pyproject.toml\).*--app"):
