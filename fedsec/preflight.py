@@ -144,7 +144,7 @@ def dataset_classnames(name: str, root: str) -> list[str]:
 
             base = Path(root or os.environ.get("FEDSEC_FASHION_MNIST", FASHION_MNIST_ROOT))
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
-                _find(base, stem)
+                _check_idx_header(_find(base, stem))
             return list(FASHION_MNIST_CLASSES)
         if name == "imagefolder":
             if not root:
@@ -162,6 +162,19 @@ def dataset_classnames(name: str, root: str) -> list[str]:
     except (OSError, ValueError, RuntimeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"run-config dataset={name!r} data-root={root!r}: {msg}") from exc
+
+
+def _check_idx_header(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` (gzipped or not) starts like an unsigned-byte IDX file."""
+    import gzip
+
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            head = fh.read(4)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (a Fashion-MNIST file is expected)")
 
 
 def check_model(cfg: RunConfig) -> None:

@@ -125,6 +125,12 @@ def test_missing_data_and_checkpoint_are_named(tmp_path):
     # Prepare / Execute / Assert
     with pytest.raises(ConfigError, match=r"dataset='fashion-mnist' data-root='.*empty'.*not found"):
         check_config({"data-root": str(tmp_path / "empty")}, num_nodes=3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (bad / f"{stem}.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConfigError, match=r"data-root='.*bad'.*train-images-idx3-ubyte.gz is unreadable"):
+        check_config({"data-root": str(bad)}, num_nodes=3)
     with pytest.raises(ConfigError, match=r"pretrained='.*nope.pt'.*does not exist"):
         check_config({**DIGITS, "pretrained": str(tmp_path / "nope.pt")}, num_nodes=3)
 
