@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from fedsec.backdoor_clip import ATTACKS, DEFENSES, load_checked, load_trigger
 from fedsec.data import k_shot_indices, load_dataset, prepare_images
 from fedsec.metrics import accuracy, attack_success_rate
 from fedsec.models.captions import SYNONYMS
-from fedsec.models.factory import create_clip, embedded_manifest
+from fedsec.models.factory import create_clip, embedded_manifest, sha256_file
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = [
@@ -93,6 +94,19 @@ def evaluate(clip, triggers: dict, images, labels, probe_x, probe_y, classnames,
     return rows
 
 
+def cached(cache: Path | None, key: str, compute):
+    """``compute()``, memoised as JSON in ``cache/<key>.json`` (key: checkpoint SHA-256 and settings)."""
+    if cache is None:
+        return compute()
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
 def main() -> None:
     """Evaluate every checkpoint found and write the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,10 +139,18 @@ def main() -> None:
     labels = data.labels[idx]
 
     triggers = {a: load_trigger(runs / a / "trigger.pt") for a in ATTACKS if (runs / a / "trigger.pt").exists()}
+    cache = runs / "eval_cache"
+    tag = f"{args.split}_{args.samples}_{args.probe_per_class}_{args.target}"
     rows = []
     clean = create_clip(args.model, "embedded")
     manifest = embedded_manifest(args.model)
-    for r in evaluate(clean, triggers, images, labels, probe_x, probe_y, data.classnames, args.target):
+    trig_sha = "_".join(sha256_file(runs / a / "trigger.pt")[:8] for a in triggers)
+    clean_rows = cached(
+        cache,
+        f"clean_{clean.checkpoint_sha256[:16]}_{trig_sha}_{tag}",
+        lambda: evaluate(clean, triggers, images, labels, probe_x, probe_y, data.classnames, args.target),
+    )
+    for r in clean_rows:
         rows.append({"attack": "none", "defense": "none", "model": args.model, **r, "command": manifest["command"]})
         rows[-1]["checkpoint_sha256"] = clean.checkpoint_sha256
     for attack in ATTACKS:
@@ -138,8 +160,21 @@ def main() -> None:
                 continue
             clip = load_checked(d / "model.pt")
             m = json.loads((d / "model.json").read_text())
-            (r,) = evaluate(clip, {attack: load_trigger(d / "trigger.pt")}, images, labels, probe_x, probe_y,
-                            data.classnames, args.target)  # fmt: skip
+            (r,) = cached(
+                cache,
+                f"{d.name}_{clip.checkpoint_sha256[:16]}_{tag}",
+                partial(
+                    evaluate,
+                    clip,
+                    {attack: load_trigger(d / "trigger.pt")},
+                    images,
+                    labels,
+                    probe_x,
+                    probe_y,
+                    data.classnames,
+                    args.target,
+                ),
+            )
             rows.append(
                 {
                     "attack": attack,
