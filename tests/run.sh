@@ -9,7 +9,9 @@ set +e
 # so they overlap with the CPU-bound unit tests. FEDSEC_TEST_WORKERS=0 runs in one process.
 workers="${FEDSEC_TEST_WORKERS:-2}"
 xdist=()
-if [ "$workers" != "0" ] && .venv/bin/python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
+# loadgroup: tests sharing a module fixture (one Flower run) carry one xdist_group and go to one worker;
+# the rest are handed out in collection order, which tests/conftest.py sorts longest-first.
+if [ "$workers" != "0" ] && .venv/bin/python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers" --dist loadgroup); fi
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "${xdist[@]}" "$@"
 rc=$?
 set -e

@@ -46,6 +46,7 @@ def _files(path: Path) -> dict[str, bytes]:
 
 @pytest.mark.e2e
 @needs_fmnist
+@pytest.mark.xdist_group("hardening-finished-run")
 def test_reevaluation_recipe_reproduces_the_reported_figures(finished_run, tmp_path):
     # Prepare: the recipe's code block from docs/reevaluate.md, the run's provenance files
     summary, path = finished_run
@@ -76,6 +77,7 @@ def test_reevaluation_recipe_reproduces_the_reported_figures(finished_run, tmp_p
 
 @pytest.mark.e2e
 @needs_fmnist
+@pytest.mark.xdist_group("hardening-finished-run")
 def test_failed_rerun_exits_1_with_the_serverapps_cause_and_keeps_the_finished_run(finished_run, monkeypatch, capsys):
     # Prepare: the launcher's own run-directory check switched off, so the ServerApp's is the one that acts
     _, path = finished_run
