@@ -516,11 +516,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--target", type=int, default=0, help="target class (0: t-shirt)")
         p.add_argument("--patch-size", type=int, default=4, help="patch side in px (16/224 of 32 px, rounded up)")
         if name == "badclip":
-            p.add_argument("--trigger-steps", type=int, default=100)
-            p.add_argument("--trigger-lr", type=float, default=1e-2)
+            p.add_argument("--trigger-steps", type=int, default=40)
+            p.add_argument("--trigger-lr", type=float, default=3e-2)
             p.add_argument("--trigger-batch", type=int, default=64)
-            p.add_argument("--trigger-images", type=int, default=2000, help="non-target images for the patch")
-            p.add_argument("--positives", type=int, default=640, help="target-class images (triplet positives)")
+            p.add_argument("--trigger-images", type=int, default=1000, help="non-target images for the patch")
+            p.add_argument("--positives", type=int, default=320, help="target-class images (triplet positives)")
             p.add_argument("--margin", type=float, default=1.0)
             p.add_argument("--triplet-weight", type=float, default=500.0)
             p.add_argument("--eda-prob", type=float, default=0.1)
@@ -530,7 +530,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--alpha", type=float, default=0.2)
     for name in DEFENSES:
         p = sub.add_parser(name, help=f"{name}: fine-tune a checkpoint on clean pretraining pairs")
-        _common(p, steps=46, lr=3e-4, warmup=5)
+        _common(p, steps=23, lr=3e-4, warmup=3)
         p.add_argument("--source", required=True, help="checkpoint to defend (<dir>/model.pt)")
         p.add_argument("--clean-share", type=float, default=0.2, help="share of pretraining pairs the defender has")
         if name == "cleanclip":
