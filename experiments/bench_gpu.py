@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedsec.attacks.badpromptfl import PARAMS as BADPROMPTFL_PARAMS  # noqa: E402
+from fedsec.attacks import ATTACKS  # noqa: E402
 from fedsec.attacks.badpromptfl import BadPromptFL  # noqa: E402
 from fedsec.config import RunConfig  # noqa: E402
 from fedsec.models.factory import FrozenCLIP, create_clip  # noqa: E402
@@ -145,7 +145,7 @@ def bench_steps(spec: dict, steps: int, repeats: int) -> dict:
         / steps
     )
     with tempfile.TemporaryDirectory() as store:
-        extra = dict(BADPROMPTFL_PARAMS)
+        extra = {p.key: p.default for p in (*ATTACKS.common, *ATTACKS.component("badpromptfl").params)}
         extra.update({"attack-local-steps": steps, "trigger-rounds": 0, "patch-size": max(2, spec["image_size"] // 4)})
         cfg = RunConfig(attack="badpromptfl", num_malicious=1, batch_size=spec["batch_size"], extra=extra)
         attack = BadPromptFL(cfg, Path(store))

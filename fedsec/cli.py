@@ -6,9 +6,10 @@
     run a grid of experiments (resumable) and write its results table and plots;
 ``fedsec report <run-dir>...``
     the same table and plots from any finished run directories;
-``fedsec config [--write]``
+``fedsec config [--write | --markdown]``
     print the ``[tool.flwr.app.config]`` table (every key and default, core,
-    attack and strategy parameters); ``--write`` puts it into ./pyproject.toml.
+    attack and strategy parameters); ``--write`` puts it into ./pyproject.toml;
+    ``--markdown`` prints the reference of every key (docs/config-reference.md).
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def _report(argv: list[str]) -> None:
 def _config(argv: list[str]) -> None:
     from pathlib import Path
 
-    from fedsec.config import pyproject_table
+    from fedsec.config import config_reference_markdown, pyproject_table
 
+    if "--markdown" in argv:
+        print(config_reference_markdown(), end="")
+        return
     if "--write" not in argv:
         print(pyproject_table(), end="")
         return

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fedsec.registry import Param
+
 
 class ConfigError(ValueError):
     """A run-config key has a wrong type or value."""
@@ -25,36 +27,28 @@ def _choice(*allowed: str) -> Callable[[], list[str]]:
     return lambda: list(allowed)
 
 
-def _registry_names(module: str, attr: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        import importlib
+def _names(kind: str) -> Callable[[], list[str]]:
+    """The registered names of a kind of component (looked up when a value is checked, never at import)."""
 
-        return importlib.import_module(module).__dict__[attr].names()
+    def names() -> list[str]:
+        from fedsec.registry import registry
+
+        return registry(kind).names()
 
     return names
 
 
-# Fields whose allowed values come from a registry or a fixed list.
+# Core keys whose allowed values come from a registry or a fixed list.
 _CHOICES: dict[str, Callable[[], list[str]]] = {
-    "dataset": _registry_names("fedsec.data.datasets", "DATASETS"),
-    "partitioner": _registry_names("fedsec.data.partition", "PARTITIONERS"),
-    "strategy": lambda: (
-        __import__("strategies.registry", fromlist=["x"]).load_all()
-        or __import__("strategies.registry", fromlist=["x"]).STRATEGIES.names()
-    ),
-    "attack": _registry_names("fedsec.attacks", "ATTACKS"),
+    "dataset": _names("dataset"),
+    "partitioner": _names("partitioner"),
+    "strategy": _names("strategy"),
+    "attack": _names("attack"),
     "class-token-position": _choice("end", "middle", "front"),
     "device": _choice("auto", "cpu", "cuda"),
-    # keys of components (in ``extra``), checked when declared
-    "server-fusion": lambda: ["none", *_registry_names("strategies.fusion", "FUSIONS")()],
-    "synthetic-source": _registry_names("fedsec.synthetic", "SYNTHETIC_SOURCES"),
-    "fm-trigger": _registry_names("fedsec.attacks.fm_poison", "FM_TRIGGERS"),
-    "bounds-granularity": _choice("channel", "neuron"),
-    "bounds-loss": _choice("kl", "ce"),
-    "bounds-data": _choice("all", "filtered"),
 }
 
-# (min, max) inclusive bounds for numeric fields; None = unbounded.
+# (min, max) inclusive bounds of numeric core keys; None = unbounded.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "num-server-rounds": (1, None),
     "n-ctx": (1, 64),
@@ -76,8 +70,44 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, None),
     "eval-samples": (0, None),
     "asr-eval-samples": (0, None),
-    "bounds-init-quantile": (0.0, 1.0),
-    "bounds-trim": (0.0, 0.99),
+}
+
+#: One line per core key (components document theirs in their ``Param`` declarations).
+_DOCS: dict[str, str] = {
+    "num-server-rounds": "FL rounds",
+    "run-dir": "run directory (absolute; relative ones and the empty default go under $FEDSEC_RUNS_ROOT)",
+    "resume": "continue an interrupted run from the newest checkpoint in run-dir",
+    "seed": "seeds partitions, prompt init, client training and the malicious choice",
+    "dataset": "the task's dataset",
+    "data-root": "data folder (empty: the dataset's default location)",
+    "partitioner": "how the pool is split among the clients (flwr-datasets partitioners)",
+    "dirichlet-alpha": "concentration of the dirichlet partitioner",
+    "classes-per-client": "classes per client of the pathological partitioner",
+    "k-shot": "shots per class kept from each client's partition (0 = all)",
+    "model": "open_clip model name",
+    "pretrained": "embedded, an open_clip tag, a local checkpoint path, or none",
+    "n-ctx": "context vectors of the prompt (the token count of ctx-init)",
+    "ctx-init": "words the context is initialised from (empty: random init)",
+    "class-token-position": "where the class token goes in the prompt",
+    "class-specific": "one context per class (CoOp's CSC)",
+    "prompt-template": "hand-written prompt of the zero-shot baseline ({} = class name)",
+    "device": "auto (CUDA if present), cpu or cuda",
+    "local-steps": "local SGD steps per round",
+    "batch-size": "local batch size",
+    "lr": "local learning rate",
+    "momentum": "local SGD momentum",
+    "weight-decay": "local weight decay",
+    "strategy": "aggregation rule / defense",
+    "fraction-train": "fraction of nodes sampled for training each round",
+    "fraction-evaluate": "fraction sampled for federated evaluation (0 = none)",
+    "min-train-nodes": "fewest nodes a training round needs",
+    "round-timeout": "seconds the server waits for a round's replies",
+    "max-weight-ratio": "reported num-examples bounded at this x the round's median (0 = off)",
+    "eval-samples": "server test images (0 = all)",
+    "asr-eval-samples": "non-target test images for the per-round attack success rate",
+    "attack": "what the malicious clients (or the FM attacker) do",
+    "num-malicious": "malicious clients (a seeded choice)",
+    "target-label": "backdoor target class",
 }
 
 
@@ -174,20 +204,13 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
-        """Check ranges and allowed values; raise :class:`ConfigError`."""
-        for key, (lo, hi) in _RANGES.items():
-            if not self._has(key):
-                continue  # a component key this config was built without
-            v = self.get(key)
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                raise ConfigError(f"run-config {key}={v!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-        for key, allowed in _CHOICES.items():
-            if not self._has(key):
-                continue  # a component key this config was built without
-            v = self.get(key)
-            names = allowed()
-            if v not in names:
-                raise ConfigError(f"run-config {key}={v!r} is not allowed; allowed values: {', '.join(names)}")
+        """Check ranges and allowed values of core and component keys; raise :class:`ConfigError`."""
+        for param in core_params():
+            if (problem := param.problem(self.get(param.key))) is not None:
+                raise ConfigError(problem)
+        for param in component_params() if self.extra else ():
+            if self._has(param.key) and (problem := param.problem(self.get(param.key))) is not None:
+                raise ConfigError(problem)
         if "{}" not in self.prompt_template:
             raise ConfigError("run-config prompt-template must contain '{}' for the class name")
         if self.attack != "none" and self.extra:
@@ -261,22 +284,24 @@ def _coerce(key: str, value: object, default: object) -> object:
     raise ConfigError(f"run-config {key}={value!r} must be of type {want.__name__}")
 
 
+def core_params() -> list[Param]:
+    """The core keys as :class:`~fedsec.registry.Param` (default, doc, choices, range)."""
+    return [
+        Param(k, v, _DOCS.get(k, ""), choices=_CHOICES.get(k), range=_RANGES.get(k))  # type: ignore[arg-type]
+        for k, v in RunConfig.defaults().items()
+    ]
+
+
+def component_params() -> list[Param]:
+    """Every run-config key declared by a component (discovers the components on first use)."""
+    from fedsec.registry import all_params
+
+    return all_params()
+
+
 def all_extra_defaults() -> dict[str, object]:
-    """Parameter defaults declared by registered attacks and strategies."""
-    out: dict[str, object] = {}
-    try:
-        from fedsec.attacks import attack_param_defaults
-
-        out.update(attack_param_defaults())
-    except ImportError:  # pragma: no cover - attacks package always present
-        pass
-    try:
-        from strategies.registry import strategy_param_defaults
-
-        out.update(strategy_param_defaults())
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    """Parameter defaults declared by every component (attacks, strategies, wrappers, sources...)."""
+    return {p.key: p.default for p in component_params()}
 
 
 def pyproject_table() -> str:
@@ -293,6 +318,46 @@ def pyproject_table() -> str:
     lines = [f"{k} = {fmt(v)}" for k, v in RunConfig.defaults().items()]
     lines += [f"{k} = {fmt(v)}" for k, v in sorted(all_extra_defaults().items())]
     return "\n".join(lines) + "\n"
+
+
+def config_reference_markdown() -> str:
+    """``docs/config-reference.md``: every key with default, type, allowed values and doc, by component."""
+    from fedsec.registry import GROUPS, registry
+
+    def cell(p: Param) -> str:
+        allowed = None if callable(p.choices) else p.allowed()
+        if callable(p.choices):  # registry names: listed by `fedsec config`, not frozen here
+            limits = "a registered name"
+        elif allowed is not None:
+            limits = ", ".join(f"`{a}`" for a in allowed)
+        elif p.range is not None:
+            lo, hi = p.range
+            limits = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        else:
+            limits = ""
+        default = json.dumps(p.default) if isinstance(p.default, (bool, str)) else repr(p.default)
+        return f"| `{p.key}` | `{default}` | {p.type.__name__} | {limits} | {p.doc} |"
+
+    head = "| key | default | type | allowed | meaning |\n|---|---|---|---|---|"
+    out = [
+        "# Run-config reference",
+        "",
+        "Generated by `fedsec config --markdown > docs/config-reference.md` from the declarations",
+        "(`RunConfig` for the core keys, each component's `Param`s); `tests/test_config.py` keeps it current.",
+        "",
+        "## Core keys",
+        "",
+        head,
+        *(cell(p) for p in core_params()),
+    ]
+    for kind in GROUPS:
+        reg = registry(kind)
+        if reg.common:
+            out += ["", f"## Every {kind}", "", head, *(cell(p) for p in reg.common)]
+        for comp in reg.components():
+            if comp.params:
+                out += ["", f"## {kind} `{comp.name}`", "", comp.doc, "", head, *(cell(p) for p in comp.params)]
+    return "\n".join(out) + "\n"
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -28,6 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsec.registry import Param
 from strategies.common import StrategyWrapper, require_key
 from strategies.registry import StrategyContext, register_wrapper
 
@@ -38,21 +39,28 @@ BOUND_STATE = "bounds/"
 #: Key of the unfused reference prompt in a checkpointed strategy state.
 SHADOW_STATE = "bounds-shadow"
 
-PARAMS: dict[str, object] = {
-    "activation-bounds": False,
-    "bounds-layers": "visual.transformer.resblocks.*",
-    "bounds-granularity": "neuron",
-    "bounds-init-quantile": 1.0,
-    "bounds-steps": 20,
-    "bounds-lr": 0.05,
-    "bounds-penalty": 0.5,
-    "bounds-loss": "kl",
-    "bounds-batch-size": 64,
-    "bounds-data": "all",
-    "bounds-two-sided": False,
-    "bounds-trim": 0.0,
-    "bounds-client-training": True,
-}
+PARAMS: tuple[Param, ...] = (
+    Param("activation-bounds", False, "learn activation bounds on the synthetic data and send them to the clients"),
+    Param("bounds-layers", "visual.transformer.resblocks.*", "comma-separated module name patterns to bound"),
+    Param("bounds-granularity", "neuron", "one bound per neuron, or per channel", choices=("channel", "neuron")),
+    Param("bounds-init-quantile", 1.0, "initial bound: this quantile of the activations", range=(0.0, 1.0)),
+    Param("bounds-steps", 20, "optimisation steps per round", range=(0, None)),
+    Param("bounds-lr", 0.05, "learning rate of the bounds", range=(0.0, None)),
+    Param("bounds-penalty", 0.5, "weight of the norm penalty that shrinks the bounds", range=(0.0, None)),
+    Param(
+        "bounds-loss", "kl", "clamped vs unclamped outputs: KL, or CE to the unclamped prediction", choices=("kl", "ce")
+    ),
+    Param("bounds-batch-size", 64, "synthetic images per optimisation step", range=(1, None)),
+    Param(
+        "bounds-data",
+        "all",
+        "learn on all synthetic images, or those the unfused prompt agrees with",
+        choices=("all", "filtered"),
+    ),
+    Param("bounds-two-sided", False, "also lower bounds (at 1 - bounds-init-quantile)"),
+    Param("bounds-trim", 0.0, "fraction of the largest per-image losses ignored", range=(0.0, 0.99)),
+    Param("bounds-client-training", True, "clients also train under the clamps"),
+)
 
 
 def bounds_record(bounds: dict[str, np.ndarray]) -> ArrayRecord:
@@ -319,7 +327,7 @@ class BoundLearner:
         return state["bounds"].to_arrays(), {**stats, **extra}
 
 
-@register_wrapper("activation-bounds", params=PARAMS)
+@register_wrapper("activation-bounds", params=PARAMS, order=20)
 def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
     """``ActivationBoundWrapper`` around ``inner`` when ``activation-bounds = true``."""
     if not bool(sctx.cfg.get("activation-bounds")):

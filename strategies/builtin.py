@@ -35,9 +35,15 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from fedsec.registry import Param
 from strategies.common import copy_replies, example_weights, node_id
 from strategies.detection import Detection, DetectionAttributes, detection_of
 from strategies.registry import StrategyContext, register_strategy
+
+NUM_BYZANTINE = Param(
+    "num-byzantine", 2, "assumed number of Byzantine nodes f (Krum, MultiKrum, Bulyan)", range=(0, None)
+)
+CLIP_NORM = Param("clip-norm", 1.0, "L2 bound of each update (norm-clip, dp-clip)", range=(1e-12, None))
 
 
 def krum_max_byzantine(num_replies: int, num_byzantine: int) -> int:
@@ -254,13 +260,16 @@ def fedavg(sctx: StrategyContext) -> FedAvg:
     return PlainFedAvg(**sctx.fedavg_kwargs())
 
 
-@register_strategy("krum", params={"num-byzantine": 2})
+@register_strategy("krum", params=(NUM_BYZANTINE,))
 def krum(sctx: StrategyContext) -> Krum:
     """Flower's Krum: keep the single update closest to its n - f - 2 neighbours."""
     return DetectingKrum(num_byzantine=int(sctx.cfg.get("num-byzantine")), **sctx.fedavg_kwargs())
 
 
-@register_strategy("multikrum", params={"num-byzantine": 2, "multikrum-keep": 0})
+@register_strategy(
+    "multikrum",
+    params=(NUM_BYZANTINE, Param("multikrum-keep", 0, "updates MultiKrum averages (0 = n - f)", range=(0, None))),
+)
 def multikrum(sctx: StrategyContext) -> MultiKrum:
     """Flower's MultiKrum: average the ``multikrum-keep`` best Krum scores (0: n - f)."""
     return DetectingMultiKrum(
@@ -270,7 +279,7 @@ def multikrum(sctx: StrategyContext) -> MultiKrum:
     )
 
 
-@register_strategy("bulyan", params={"num-byzantine": 2})
+@register_strategy("bulyan", params=(NUM_BYZANTINE,))
 def bulyan(sctx: StrategyContext) -> Bulyan:
     """Flower's Bulyan: Multi-Krum selection, then coordinate-wise trimmed mean around the median."""
     return DetectingBulyan(num_byzantine=int(sctx.cfg.get("num-byzantine")), **sctx.fedavg_kwargs())
@@ -282,13 +291,18 @@ def median(sctx: StrategyContext) -> FedMedian:
     return CopyingFedMedian(**sctx.fedavg_kwargs())
 
 
-@register_strategy("trimmed-mean", params={"trim-beta": 0.2})
+@register_strategy(
+    "trimmed-mean", params=(Param("trim-beta", 0.2, "fraction cut from each tail per coordinate", range=(0.0, 0.5)),)
+)
 def trimmed_mean(sctx: StrategyContext) -> FedTrimmedAvg:
     """Flower's FedTrimmedAvg, cutting ``trim-beta`` of each tail per coordinate."""
     return CopyingFedTrimmedAvg(beta=float(sctx.cfg.get("trim-beta")), **sctx.fedavg_kwargs())
 
 
-@register_strategy("dp-clip", params={"clip-norm": 1.0, "dp-noise-multiplier": 0.01})
+@register_strategy(
+    "dp-clip",
+    params=(CLIP_NORM, Param("dp-noise-multiplier", 0.01, "Gaussian noise std / clip-norm", range=(0.0, None))),
+)
 def dp_clip(sctx: StrategyContext) -> Strategy:
     """Flower's server-side fixed clipping DP wrapper around FedAvg (weak noise by default)."""
     return CopyingDPFixedClipping(

@@ -17,6 +17,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
+from fedsec.registry import Param
 from strategies.base import RoundUpdates, RuleOutput, UpdateRule
 from strategies.common import NDArray
 from strategies.norm_clip import clip_updates
@@ -165,7 +166,9 @@ class Flame(UpdateRule):
         return RuleOutput(result.update, result.kept.astype(np.float64))
 
 
-@register_strategy("flame", params={"flame-noise-lambda": 0.001})
+@register_strategy(
+    "flame", params=(Param("flame-noise-lambda", 0.001, "noise std / median update norm", range=(0.0, None)),)
+)
 def flame(sctx: StrategyContext) -> Flame:
     """FLAME with HDBSCAN filtering, median-norm clipping and weak noise."""
     return Flame(noise_lambda=float(sctx.cfg.get("flame-noise-lambda")), seed=int(sctx.cfg.seed), **sctx.rule_kwargs())

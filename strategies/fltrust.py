@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from fedsec.registry import Param
 from strategies.base import RoundUpdates, RuleOutput, UpdateRule
 from strategies.common import NDArray, flatten_arrays
 from strategies.registry import StrategyContext, register_strategy
@@ -110,7 +111,9 @@ class FLTrust(UpdateRule):
         return RuleOutput(agg, trust)
 
 
-@register_strategy("fltrust", params={"fltrust-root-shots": 10})
+@register_strategy(
+    "fltrust", params=(Param("fltrust-root-shots", 10, "examples per class in the server's root set", range=(1, None)),)
+)
 def fltrust(sctx: StrategyContext) -> FLTrust:
     """FLTrust; needs ``StrategyContext.server_update`` (the server's root-set training)."""
     if sctx.server_update is None:

@@ -33,6 +33,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
+from fedsec.registry import Param
 from strategies.base import RoundUpdates, RuleOutput, UpdateRule
 from strategies.common import NDArray
 from strategies.registry import StrategyContext, register_strategy
@@ -183,7 +184,12 @@ class FoolsGold(UpdateRule):
         return RuleOutput(foolsgold_aggregate(updates, weights), weights)
 
 
-@register_strategy("foolsgold", params={"foolsgold-norm-cap": 1.0})
+@register_strategy(
+    "foolsgold",
+    params=(
+        Param("foolsgold-norm-cap", 1.0, "L2 cap of each update before history and mean (0 = off)", range=(0.0, None)),
+    ),
+)
 def foolsgold(sctx: StrategyContext) -> FoolsGold:
     """FoolsGold against sybils (similar update histories); updates capped at ``foolsgold-norm-cap`` (0 = off)."""
     return FoolsGold(norm_cap=float(sctx.cfg.get("foolsgold-norm-cap")), **sctx.rule_kwargs())

@@ -20,13 +20,16 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from fedsec.registry import Registry
-from fedsec.synthetic import synthetic_param_defaults
+from fedsec.registry import Param, Registry
 from strategies.common import StrategyWrapper, require_key
 from strategies.registry import StrategyContext, register_wrapper
 
 #: ``(prompt model, synthetic features, labels, cfg, seed) -> stats``; tunes ``model.prompt_learner.ctx`` in place.
 FUSIONS: Registry[Callable[..., dict[str, float]]] = Registry("server fusion")
+
+
+def _fusion_names() -> list[str]:
+    return ["none", *FUSIONS.names()]
 
 
 @FUSIONS.register("tune")
@@ -122,7 +125,12 @@ def synthetic_prompt_model(cfg, synthetic) -> tuple:
 
 @register_wrapper(
     "server-fusion",
-    params={"server-fusion": "none", "fusion-steps": 50, "fusion-lr": 0.002, **synthetic_param_defaults()},
+    params=(
+        Param("server-fusion", "none", "tune the aggregate on the synthetic data every round", choices=_fusion_names),
+        Param("fusion-steps", 50, "SGD steps of server fusion per round", range=(0, None)),
+        Param("fusion-lr", 0.002, "learning rate of server fusion", range=(0.0, None)),
+    ),
+    order=10,
 )
 def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
     """``ServerFusion`` around ``inner`` unless ``server-fusion = "none"``."""

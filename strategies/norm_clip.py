@@ -12,17 +12,18 @@ move the global model. Two forms are provided:
 Examples
 --------
 Plug a user's own strategy behind norm clipping and register it (in a module
-listed in ``strategies.registry.STRATEGY_MODULES``)::
+of ``strategies/``, or of a package with a ``fedsec.strategies`` entry point)::
 
     from flwr.serverapp.strategy import FedAvg
 
+    from strategies.builtin import CLIP_NORM
     from strategies.norm_clip import NormClipWrapper
     from strategies.registry import StrategyContext, register_strategy
 
     class MyAvg(FedAvg):
         ...  # override aggregate_train as you like
 
-    @register_strategy("my-avg-clipped", params={"clip-norm": 1.0})
+    @register_strategy("my-avg-clipped", params=(CLIP_NORM,))
     def my_avg_clipped(sctx: StrategyContext) -> NormClipWrapper:
         inner = MyAvg(**sctx.fedavg_kwargs())
         return NormClipWrapper(inner, clip_norm=float(sctx.cfg.get("clip-norm")))
@@ -41,6 +42,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from strategies.builtin import CLIP_NORM
 from strategies.common import (
     NDArray,
     StrategyWrapper,
@@ -176,7 +178,7 @@ class NormClip(NormClipWrapper):
         super().__init__(FedAvg(**kwargs), clip_norm)  # type: ignore[arg-type]
 
 
-@register_strategy("norm-clip", params={"clip-norm": 1.0})
+@register_strategy("norm-clip", params=(CLIP_NORM,))
 def norm_clip(sctx: StrategyContext) -> FedAvg:
     """FedAvg over updates clipped to ``clip-norm``."""
     return NormClip(clip_norm=float(sctx.cfg.get("clip-norm")), **sctx.fedavg_kwargs())

@@ -1,21 +1,34 @@
-"""Strategy registry: a defense is one file, one ``@register_strategy``, one test.
+"""Strategy registry: a defense is one file in ``strategies/`` (or in any package with an entry point), one test.
 
 A factory takes a :class:`StrategyContext` and returns a Flower
 ``flwr.serverapp.strategy.Strategy``. Flower's own rules (FedAvg, Krum,
 MultiKrum, Bulyan, FedMedian, FedTrimmedAvg, DP clipping) are registered in
 :mod:`strategies.builtin` without being rewritten.
+
+Discovery (:mod:`fedsec.registry`): every module of this package with a
+top-level ``@register_strategy``/``@register_wrapper`` is imported on the first
+lookup, and so is every module an installed distribution names under the
+entry-point groups ``fedsec.strategies`` / ``fedsec.wrappers``.
+
+Wrappers (server fusion, activation bounds...) are applied around whatever
+rule ``strategy`` names, in ascending ``order`` (innermost first; ties by
+name): ``server-fusion`` (order 10) wraps the rule, ``activation-bounds``
+(order 20) wraps that, so the bounds are learned on the fused model. The
+ServerApp then wraps the result in reply validation and the recorder.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.serverapp.strategy import Strategy
 
-from fedsec.config import RunConfig
-from fedsec.registry import Registry
+from fedsec.registry import Param, Registry
+
+if TYPE_CHECKING:
+    from fedsec.config import RunConfig
 
 
 @dataclass
@@ -72,97 +85,67 @@ class StrategyContext:
 
 
 StrategyFactory = Callable[[StrategyContext], Strategy]
-STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
-_PARAMS: dict[str, dict[str, object]] = {}
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy", packages=("strategies",))
 
-#: Modules whose import registers strategies (one file per rule).
-STRATEGY_MODULES = [
-    "strategies.builtin",
-    "strategies.norm_clip",
-    "strategies.rlr",
-    "strategies.flame",
-    "strategies.fltrust",
-    "strategies.foolsgold",
-]
+#: ``(strategy, sctx) -> strategy``: returns its argument unchanged when its run-config key leaves it off.
+WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
+STRATEGY_WRAPPERS: Registry[WrapperFactory] = Registry("strategy wrapper", packages=("strategies",))
 
 
-def _declare_params(user: str, params: dict[str, object] | None) -> None:
-    """Record the run-config keys ``user`` reads; one key may serve several users with one default."""
-    for key, value in (params or {}).items():
-        if key in _PARAMS and _PARAMS[key]["default"] != value:
-            raise ValueError(f"strategy parameter {key!r} declared twice with different defaults")
-        _PARAMS.setdefault(key, {"default": value, "users": []})["users"].append(user)
-
-
-def register_strategy(name: str, params: dict[str, object] | None = None):
+def register_strategy(name: str, params: Sequence[Param] = ()):
     """Register a strategy factory under ``name``.
 
     Parameters
     ----------
     name : str
         The run-config ``strategy`` value.
-    params : dict, optional
-        Run-config keys this strategy reads and their defaults (kebab-case).
+    params : sequence of Param
+        Run-config keys this strategy reads (a key several strategies share is
+        declared by each, with one default).
     """
-
-    def deco(factory: StrategyFactory) -> StrategyFactory:
-        STRATEGIES.register(name)(factory)
-        _declare_params(name, params)
-        return factory
-
-    return deco
+    return STRATEGIES.register(name, params=params)
 
 
-#: ``(strategy, sctx) -> strategy``: returns its argument unchanged when its run-config key leaves it off.
-WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
-STRATEGY_WRAPPERS: Registry[WrapperFactory] = Registry("strategy wrapper")
-_WRAPPER_ORDER: list[str] = []
-
-#: Modules whose import registers strategy wrappers, applied around every rule in this order (innermost first).
-WRAPPER_MODULES = ["strategies.fusion", "strategies.activation_bound"]
-
-
-def register_wrapper(name: str, params: dict[str, object] | None = None):
+def register_wrapper(name: str, params: Sequence[Param] = (), order: int = 0):
     """Register a wrapper applied around every strategy (server fusion, activation bounds...).
 
     Parameters
     ----------
     name : str
         Wrapper name (logs and errors).
-    params : dict, optional
-        Run-config keys it reads (one of them switches it on), with defaults.
+    params : sequence of Param
+        Run-config keys it reads (one of them switches it on).
+    order : int
+        Where it goes: wrappers apply in ascending order, the lowest innermost.
     """
-
-    def deco(factory: WrapperFactory) -> WrapperFactory:
-        STRATEGY_WRAPPERS.register(name)(factory)
-        _WRAPPER_ORDER.append(name)
-        _declare_params(name, params)
-        return factory
-
-    return deco
+    return STRATEGY_WRAPPERS.register(name, params=params, order=order)
 
 
 def load_all() -> None:
-    """Import every strategy and wrapper module (idempotent)."""
-    for mod in STRATEGY_MODULES + WRAPPER_MODULES:
-        importlib.import_module(mod)
+    """Discover every strategy and wrapper (idempotent)."""
+    STRATEGIES.load()
+    STRATEGY_WRAPPERS.load()
 
 
 def wrap_strategy(strategy: Strategy, sctx: StrategyContext) -> Strategy:
-    """Apply every registered wrapper (each decides from the run config whether it is on)."""
-    load_all()
-    for name in _WRAPPER_ORDER:
-        strategy = STRATEGY_WRAPPERS.get(name)(strategy, sctx)
+    """Apply every registered wrapper in ascending ``order`` (each decides from the run config whether it is on)."""
+    for component in STRATEGY_WRAPPERS.components():
+        strategy = component.obj(strategy, sctx)
     return strategy
 
 
+def strategy_params() -> list[Param]:
+    """Run-config keys declared by the strategies and the wrappers."""
+    from fedsec.registry import merge_params
+
+    return merge_params([*STRATEGIES.params(), *STRATEGY_WRAPPERS.params()], "strategy")
+
+
 def strategy_param_defaults() -> dict[str, object]:
-    """Run-config keys declared by registered strategies, with defaults."""
-    load_all()
-    return {k: v["default"] for k, v in _PARAMS.items()}
+    """Run-config keys declared by strategies and wrappers, with defaults."""
+    return {p.key: p.default for p in strategy_params()}
 
 
 def build_strategy(sctx: StrategyContext) -> Strategy:
     """Build the strategy named by ``sctx.cfg.strategy``, inside the wrappers the run config switches on."""
-    load_all()
     return wrap_strategy(STRATEGIES.get(sctx.cfg.strategy)(sctx), sctx)

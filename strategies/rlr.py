@@ -21,6 +21,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
+from fedsec.registry import Param
 from strategies.base import RoundUpdates, RuleOutput, UpdateRule
 from strategies.common import NDArray
 from strategies.registry import StrategyContext, register_strategy
@@ -109,7 +110,12 @@ class RobustLR(UpdateRule):
         return RuleOutput(agg)
 
 
-@register_strategy("rlr", params={"rlr-threshold": 0.4})
+@register_strategy(
+    "rlr",
+    params=(
+        Param("rlr-threshold", 0.4, "sign agreement: a count if >= 1, else a fraction of clients", range=(1e-12, None)),
+    ),
+)
 def rlr(sctx: StrategyContext) -> RobustLR:
     """FedAvg with a robust (sign-agreement) server learning rate."""
     return RobustLR(threshold=float(sctx.cfg.get("rlr-threshold")), **sctx.rule_kwargs())

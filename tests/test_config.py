@@ -70,15 +70,20 @@ def test_relative_run_dir_resolves_under_runs_root(tmp_path, monkeypatch):
     assert RunConfig.from_mapping({}).resolved_run_dir(run_id=42).name == "run-42-none-fedavg"
 
 
-def test_registry_merges_declared_params_and_rejects_conflicting_defaults():
-    # Prepare: two items sharing a key with one default, then a third contradicting it
-    from fedsec.registry import Registry
+def test_config_reference_in_docs_is_current():
+    # Prepare
+    from fedsec.config import config_reference_markdown
 
-    reg: Registry[type] = Registry("thing")
-    reg.register("a")(type("A", (), {"params": {"k": 1, "x": 2}}))
-    reg.register("b")(type("B", (), {"params": {"k": 1}}))
-    # Execute / Assert: merged over the base
-    assert reg.param_defaults({"base": 0}) == {"base": 0, "k": 1, "x": 2}
-    reg.register("c")(type("C", (), {"params": {"k": 3}}))
-    with pytest.raises(ValueError, match="'k' declared twice"):
-        reg.param_defaults()
+    # Execute
+    expected = config_reference_markdown()
+
+    # Assert: regenerate with `fedsec config --markdown > docs/config-reference.md`
+    assert (ROOT / "docs" / "config-reference.md").read_text() == expected
+
+
+def test_component_keys_are_checked_against_their_declaration():
+    # Prepare / Execute / Assert: a range and a choice declared by components (a wrapper, an attack)
+    with pytest.raises(ConfigError, match=r"bounds-trim=1.5 is out of range \[0.0, 0.99\]"):
+        RunConfig.from_mapping({"bounds-trim": 1.5})
+    with pytest.raises(ConfigError, match=r"attack-mode='both' is not allowed; allowed values: joint, alternating"):
+        RunConfig.from_mapping({"attack-mode": "both"})

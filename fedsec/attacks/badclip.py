@@ -20,17 +20,18 @@ import torch.nn.functional as F
 
 from fedsec.attacks.base import register_attack
 from fedsec.attacks.poisoning import POISON_PARAMS, PoisoningAttack, poison_indices
+from fedsec.registry import Param
 from fedsec.training import batches
 from fedsec.triggers import PatchTrigger, trigger_from_dict
 
-PARAMS: dict[str, object] = {
-    **POISON_PARAMS,
-    "badclip-patch-size": 4,
-    "badclip-lr": 0.001,
-    "badclip-trigger-steps": 40,
-    "badclip-margin": 0.2,
-    "badclip-triplet-weight": 1.0,
-}
+PARAMS: tuple[Param, ...] = (
+    *POISON_PARAMS,
+    Param("badclip-patch-size", 4, "side of BadCLIP's optimised patch", range=(1, None)),
+    Param("badclip-lr", 0.001, "learning rate of the patch", range=(0.0, None)),
+    Param("badclip-trigger-steps", 40, "patch optimisation steps", range=(0, None)),
+    Param("badclip-margin", 0.2, "triplet margin", range=(0.0, None)),
+    Param("badclip-triplet-weight", 1.0, "weight of the triplet term", range=(0.0, None)),
+)
 
 
 def dual_embedding_loss(
@@ -65,11 +66,9 @@ def dual_embedding_loss(
     return contrastive + triplet_weight * triplet
 
 
-@register_attack("badclip")
+@register_attack("badclip", params=PARAMS)
 class BadCLIP(PoisoningAttack):
     """Dual-embedding guided patch (optimised every round, shared by the colluders) + poisoning."""
-
-    params = PARAMS
 
     def trigger_for(self, model, clip, data, server_round: int) -> torch.nn.Module:
         c = self.cfg

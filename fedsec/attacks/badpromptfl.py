@@ -23,27 +23,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedsec.attacks.base import COMMON_PARAMS, Attack, register_attack
+from fedsec.attacks.base import PATCH_PARAMS, Attack, register_attack
+from fedsec.registry import Param
 from fedsec.training import batches, sgd_for
 from fedsec.triggers import AdditiveTrigger, PatchTrigger, trigger_from_dict
 
-PARAMS: dict[str, object] = {
-    **COMMON_PARAMS,
-    "trigger-type": "patch",
-    "trigger-eps": 8 / 255,
-    "patch-size": 8,
-    "patch-top": -1,
-    "patch-left": -1,
-    "backdoor-weight": 2.0,
-    "trigger-lr": 0.05,
-    "attack-mode": "joint",
-    "trigger-steps": 25,
-    "attack-local-steps": 50,
-    "attack-lr": 0.005,
-    "stealth-weight": 5.0,
-    "trigger-separation": 2.0,
-    "trigger-rounds": 3,
-}
+PARAMS: tuple[Param, ...] = (
+    Param(
+        "trigger-type",
+        "patch",
+        "a learnable patch, or an additive L-inf-bounded perturbation",
+        choices=("patch", "additive"),
+    ),
+    Param("trigger-eps", 8 / 255, "L-inf bound of the additive trigger", range=(0.0, 1.0)),
+    *PATCH_PARAMS,
+    Param("backdoor-weight", 2.0, "lambda: weight of CE(target | trigger(x))", range=(0.0, None)),
+    Param("trigger-lr", 0.05, "learning rate of the trigger", range=(0.0, None)),
+    Param(
+        "attack-mode", "joint", "optimise trigger and prompt jointly, or alternate", choices=("joint", "alternating")
+    ),
+    Param("trigger-steps", 25, "trigger steps per alternating round", range=(0, None)),
+    Param("attack-local-steps", 50, "malicious local steps (joint mode)", range=(1, None)),
+    Param("attack-lr", 0.005, "malicious prompt learning rate", range=(0.0, None)),
+    Param("stealth-weight", 5.0, "mu: weight of KL(global || local) on clean data", range=(0.0, None)),
+    Param("trigger-separation", 2.0, "nu: weight pushing triggered features from the clean ones", range=(0.0, None)),
+    Param("trigger-rounds", 3, "alternating rounds per local training", range=(1, None)),
+)
 
 
 def make_trigger(cfg, image_size: int, seed: int) -> torch.nn.Module:
@@ -58,11 +63,9 @@ def make_trigger(cfg, image_size: int, seed: int) -> torch.nn.Module:
     raise ValueError(f"run-config trigger-type={kind!r} is not allowed; allowed values: additive, patch")
 
 
-@register_attack("badpromptfl")
+@register_attack("badpromptfl", params=PARAMS)
 class BadPromptFL(Attack):
     """Joint (or alternating) optimisation of a shared trigger and the local prompt."""
-
-    params = PARAMS
 
     def current_trigger(self, server_round: int, image_size: int) -> torch.nn.Module:
         """The colluders' trigger from the previous round, or a fresh one (seeded by the run)."""

@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from fedsec.registry import Registry
+from fedsec.registry import Param, Registry
 
-ATTACKS: Registry[type] = Registry("attack")
+#: Run-config keys every attack shares.
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param("malicious-ids", "", 'fixed malicious partition ids, e.g. "0,3" (empty: a seeded draw of num-malicious)'),
+    Param("attack-start-round", 1, "first round the malicious clients attack", range=(1, None)),
+    Param("attack-end-round", 0, "last round they attack (0 = to the end)", range=(0, None)),
+    Param("attack-probability", 1.0, "chance they attack in a round between start and end", range=(0.0, 1.0)),
+    Param("boost", 1.0, "scale the malicious update by this factor (model replacement)", range=(0.0, None)),
+    Param("boost-norm-bound", 0.0, "then clip its L2 norm to this (0 = off)", range=(0.0, None)),
+)
 
-#: Run-config keys every attack shares, with defaults.
-COMMON_PARAMS: dict[str, object] = {
-    "malicious-ids": "",
-    "attack-start-round": 1,
-    "attack-end-round": 0,
-    "attack-probability": 1.0,
-    "boost": 1.0,
-    "boost-norm-bound": 0.0,
-}
+#: Keys of a square patch trigger (badpromptfl, badnets, badclip's placement, fm-poison).
+PATCH_PARAMS: tuple[Param, ...] = (
+    Param("patch-size", 8, "side of the square patch trigger, in pixels", range=(1, None)),
+    Param("patch-top", -1, "row of the patch's top edge (-1 = bottom-right corner)", range=(-1, None)),
+    Param("patch-left", -1, "column of the patch's left edge (-1 = bottom-right corner)", range=(-1, None)),
+)
+#: Blend factor of a blended trigger (blended, fm-poison).
+BLEND_ALPHA = Param("blend-alpha", 0.2, "weight of the blended noise pattern", range=(0.0, 1.0))
 
 
-def register_attack(name: str):
-    """Register an :class:`Attack` subclass under ``name``."""
+ATTACKS: Registry[type] = Registry("attack", packages=("fedsec.attacks",), common=COMMON_PARAMS)
+
+
+def register_attack(name: str, params: Sequence[Param] = ()):
+    """Register an :class:`Attack` subclass under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The run-config ``attack`` value.
+    params : sequence of Param
+        Run-config keys the attack reads besides :data:`COMMON_PARAMS` (shared by every attack).
+    """
 
     def deco(cls: type[Attack]) -> type[Attack]:
         cls.name = name
-        return ATTACKS.register(name)(cls)
+        cls.params = tuple(params)
+        return ATTACKS.register(name, params=params)(cls)
 
     return deco
 
@@ -64,7 +84,7 @@ class Attack:
 
     Subclasses override :meth:`local_train` (their own optimisation around
     the honest path) and/or :meth:`poison` (input transform + label map), and
-    declare their run-config keys in ``params``.
+    declare their run-config keys in ``register_attack(name, params=...)``.
 
     Parameters
     ----------
@@ -77,7 +97,7 @@ class Attack:
     """
 
     name: ClassVar[str] = "none"
-    params: ClassVar[dict[str, object]] = dict(COMMON_PARAMS)
+    params: ClassVar[tuple[Param, ...]] = ()
     #: Whether the attack runs on malicious clients (False: server-side, e.g. ``fm-poison``).
     client_side: ClassVar[bool] = True
 

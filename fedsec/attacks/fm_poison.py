@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
 
-from fedsec.attacks.base import COMMON_PARAMS, Attack, register_attack
+from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
 from fedsec.attacks.poisoning import checkerboard, poison_indices
 from fedsec.models.prompt import PromptCLIP, PromptLearner
-from fedsec.registry import Registry
+from fedsec.registry import Param, Registry
 from fedsec.triggers import BlendTrigger, PatchTrigger, trigger_from_dict
 
 #: Attacker-store id of a server-side attacker (clients use their partition id).
@@ -132,22 +132,21 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     return trigger.eval()
 
 
-@register_attack("fm-poison")
+@register_attack(
+    "fm-poison",
+    params=(
+        Param("fm-poison-rate", 0.1, "fraction of the synthetic set the FM attacker poisons", range=(0.0, 1.0)),
+        Param("fm-trigger", "optimized", "the FM attacker's trigger", choices=lambda: FM_TRIGGERS.names()),
+        Param("fm-trigger-steps", 150, "Adam steps of the optimised trigger", range=(0, None)),
+        Param("fm-backdoor-weight", 2.0, "weight of CE(target | patch(x)) when optimising it", range=(0.0, None)),
+        Param("fm-trigger-lr", 0.05, "learning rate of the optimised trigger", range=(0.0, None)),
+        *PATCH_PARAMS,
+        BLEND_ALPHA,
+    ),
+)
 class FMPoison(Attack):
     """Poison ``fm-poison-rate`` of the synthetic set with a fixed trigger and the target label."""
 
-    params = {
-        **COMMON_PARAMS,
-        "fm-poison-rate": 0.1,
-        "fm-trigger": "optimized",
-        "fm-trigger-steps": 150,
-        "fm-backdoor-weight": 2.0,
-        "fm-trigger-lr": 0.05,
-        "patch-size": 8,
-        "patch-top": -1,
-        "patch-left": -1,
-        "blend-alpha": 0.2,
-    }
     client_side = False
 
     @classmethod

@@ -10,18 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsec.attacks.base import COMMON_PARAMS, Attack, register_attack
+from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
+from fedsec.registry import Param
 from fedsec.training import train_on_features
 from fedsec.triggers import BlendTrigger, PatchTrigger
 
-POISON_PARAMS: dict[str, object] = {
-    **COMMON_PARAMS,
-    "poison-rate": 0.5,
-    "patch-size": 8,
-    "patch-top": -1,
-    "patch-left": -1,
-    "blend-alpha": 0.2,
-}
+POISON_PARAMS: tuple[Param, ...] = (
+    Param("poison-rate", 0.5, "fraction of local examples poisoned and relabelled to the target", range=(0.0, 1.0)),
+    *PATCH_PARAMS,
+    BLEND_ALPHA,
+)
 
 
 def poison_indices(labels: torch.Tensor, rate: float, target: int, seed: int) -> np.ndarray:
@@ -34,8 +32,6 @@ def poison_indices(labels: torch.Tensor, rate: float, target: int, seed: int) ->
 
 class PoisoningAttack(Attack):
     """Input transform + label map, then the honest path on the poisoned features."""
-
-    params = POISON_PARAMS
 
     def make_trigger(self, image_size: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -68,7 +64,7 @@ def checkerboard(size: int) -> torch.Tensor:
     return board.expand(3, -1, -1).clone()
 
 
-@register_attack("badnets")
+@register_attack("badnets", params=POISON_PARAMS)
 class BadNets(PoisoningAttack):
     """BadNets: a fixed checkerboard patch (``patch-size`` at ``patch-top``/``patch-left``)."""
 
@@ -78,7 +74,7 @@ class BadNets(PoisoningAttack):
         return PatchTrigger(image_size, size, int(c.get("patch-top")), int(c.get("patch-left")), checkerboard(size))
 
 
-@register_attack("blended")
+@register_attack("blended", params=POISON_PARAMS)
 class Blended(PoisoningAttack):
     """Blended: a fixed seeded noise pattern blended with weight ``blend-alpha``."""
 

@@ -19,7 +19,6 @@ defense never learns which samples are poisoned.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
@@ -31,28 +30,19 @@ from flwr.common.logger import log
 from fedsec.data import prepare_images
 from fedsec.synthetic.base import SYNTHETIC_SOURCES, SyntheticSource, register_source
 
-#: Modules whose import registers sources (one file per source).
-SOURCE_MODULES = ["fedsec.synthetic.pca_gmm", "fedsec.synthetic.folder", "fedsec.synthetic.diffusers_source"]
-
-#: Run-config keys shared by every source, with defaults.
-COMMON_PARAMS: dict[str, object] = {"synthetic-source": "pca-gmm", "synthetic-per-class": 50}
-
 
 def load_all() -> None:
-    """Import every source module (idempotent; never imports optional dependencies)."""
-    for mod in SOURCE_MODULES:
-        importlib.import_module(mod)
+    """Discover every source (idempotent; never imports optional dependencies)."""
+    SYNTHETIC_SOURCES.load()
 
 
 def synthetic_param_defaults() -> dict[str, object]:
     """Run-config keys of the synthetic data (common and per source), with defaults."""
-    load_all()
-    return SYNTHETIC_SOURCES.param_defaults(COMMON_PARAMS)
+    return SYNTHETIC_SOURCES.param_defaults()
 
 
 def get_source(name: str) -> type[SyntheticSource]:
     """The source class registered as ``name``."""
-    load_all()
     return SYNTHETIC_SOURCES.get(name)
 
 
@@ -131,5 +121,3 @@ __all__ = [
     "synthetic_param_defaults",
     "synthetic_provider",
 ]
-
-load_all()

@@ -3,26 +3,42 @@
 A :class:`SyntheticSource` turns class names into a labeled image set
 (:class:`fedsec.data.ImageDataset`, split ``"synthetic"``). Sources are
 registered by name (``synthetic-source`` in the run config); each declares its
-own run-config keys in ``params``. The server uses the set for fusion and for
+own run-config keys in ``register_source(name, params=...)``. The server uses the set for fusion and for
 learning activation bounds; an ``fm-poison`` attacker controls what it holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from fedsec.data import ImageDataset
-from fedsec.registry import Registry
+from fedsec.registry import Param, Registry
 
-SYNTHETIC_SOURCES: Registry[type] = Registry("synthetic source")
+#: Run-config keys shared by every source.
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param(
+        "synthetic-source", "pca-gmm", "where the server's synthetic images come from", choices=lambda: _source_names()
+    ),
+    Param("synthetic-per-class", 50, "synthetic images per class", range=(1, None)),
+)
+#: Output size of sources that load or generate images at their own size.
+IMAGE_SIZE = Param("synthetic-image-size", 64, "side of the generated or loaded images, in pixels", range=(1, None))
+
+SYNTHETIC_SOURCES: Registry[type] = Registry("synthetic source", packages=("fedsec.synthetic",), common=COMMON_PARAMS)
 
 
-def register_source(name: str):
-    """Register a :class:`SyntheticSource` subclass under ``name``."""
+def _source_names() -> list[str]:
+    return SYNTHETIC_SOURCES.names()
+
+
+def register_source(name: str, params: Sequence[Param] = ()):
+    """Register a :class:`SyntheticSource` subclass under ``name`` with the run-config keys it reads."""
 
     def deco(cls: type[SyntheticSource]) -> type[SyntheticSource]:
         cls.name = name
-        return SYNTHETIC_SOURCES.register(name)(cls)
+        cls.params = tuple(params)
+        return SYNTHETIC_SOURCES.register(name, params=params)(cls)
 
     return deco
 
@@ -37,12 +53,12 @@ class SyntheticSource:
 
     Attributes
     ----------
-    params : dict
-        Run-config keys this source reads, with defaults (kebab-case).
+    params : tuple of Param
+        Run-config keys this source reads (as registered).
     """
 
     name: ClassVar[str] = ""
-    params: ClassVar[dict[str, object]] = {}
+    params: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

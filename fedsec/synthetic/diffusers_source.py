@@ -12,19 +12,21 @@ import numpy as np
 import torch
 
 from fedsec.data import ImageDataset
-from fedsec.synthetic.base import SyntheticSource, register_source
+from fedsec.registry import Param
+from fedsec.synthetic.base import IMAGE_SIZE, SyntheticSource, register_source
 
 
-@register_source("diffusers")
+@register_source(
+    "diffusers",
+    params=(
+        Param("synthetic-model", "", "diffusers model id or local path"),
+        Param("synthetic-prompt", "a photo of a {}", "text prompt per class ({} = class name)"),
+        Param("synthetic-steps", 25, "denoising steps", range=(1, None)),
+        IMAGE_SIZE,
+    ),
+)
 class DiffusersSource(SyntheticSource):
     """Text-to-image generation through Hugging Face ``diffusers``."""
-
-    params = {
-        "synthetic-model": "",
-        "synthetic-prompt": "a photo of a {}",
-        "synthetic-steps": 25,
-        "synthetic-image-size": 64,
-    }
 
     def generate(self, classnames: list[str], per_class: int, seed: int) -> ImageDataset:
         try:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from fedsec.data import ImageDataset
-from fedsec.synthetic.base import SyntheticSource, register_source
+from fedsec.registry import Param
+from fedsec.synthetic.base import IMAGE_SIZE, SyntheticSource, register_source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -24,11 +25,9 @@ def _norm(name: str) -> str:
     return name.replace("_", " ").strip().lower()
 
 
-@register_source("folder")
+@register_source("folder", params=(Param("synthetic-root", "", "ImageFolder root of FM-generated images"), IMAGE_SIZE))
 class FolderSource(SyntheticSource):
     """Images from ``synthetic-root`` in ImageFolder layout, resized to ``synthetic-image-size``."""
-
-    params = {"synthetic-root": "", "synthetic-image-size": 64}
 
     def generate(self, classnames: list[str], per_class: int, seed: int) -> ImageDataset:
         from PIL import Image

@@ -30,6 +30,7 @@ from flwr.common.logger import log
 from threadpoolctl import threadpool_limits
 
 from fedsec.data import ImageDataset, load_dataset
+from fedsec.registry import Param
 from fedsec.synthetic.base import SyntheticSource, register_source
 
 #: Bump when the generator changes, to invalidate cached samples.
@@ -122,11 +123,15 @@ def _cache_file(key: str) -> Path:
     return root / f"pca-gmm-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
-@register_source("pca-gmm")
+@register_source(
+    "pca-gmm",
+    params=(
+        Param("synthetic-pca-components", 48, "PCA components of the generator", range=(1, None)),
+        Param("synthetic-gmm-modes", 6, "Gaussian-mixture modes per class", range=(1, None)),
+    ),
+)
 class PCAGMMSource(SyntheticSource):
     """Class-conditional PCA + Gaussian-mixture generator fitted on the ``pretrain`` split."""
-
-    params = {"synthetic-pca-components": 48, "synthetic-gmm-modes": 6}
 
     def generate(self, classnames: list[str], per_class: int, seed: int) -> ImageDataset:
         """Sample ``per_class`` images per class (cached on disk: the generator is deterministic)."""
