@@ -97,7 +97,8 @@ def check_nodes(cfg: RunConfig, num_nodes: int) -> None:
         raise ConfigError(f"--num-supernodes={num_nodes}: a federation needs at least 1 SuperNode")
     if cfg.min_train_nodes > num_nodes:
         raise ConfigError(
-            f"run-config min-train-nodes={cfg.min_train_nodes} exceeds the {num_nodes} SuperNodes: the server "
+            f"run-config min-train-nodes={cfg.min_train_nodes} exceeds the {num_nodes} "
+            f"SuperNode{'s' if num_nodes != 1 else ''}: the server "
             f"would wait for nodes that never come; set min-train-nodes <= {num_nodes} or add SuperNodes"
         )
     if cfg.attack == "none":
