@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-from fedsec.backdoor_clip import ATTACKS, DEFENSES, load_checked, load_trigger
+from fedsec.backdoor_clip import ATTACKS, load_checked, load_trigger, manifest_path
 from fedsec.data import k_shot_indices, load_dataset, prepare_images
 from fedsec.metrics import accuracy, attack_success_rate
 from fedsec.models.captions import SYNONYMS
@@ -53,6 +53,7 @@ RESULTS = Path(__file__).parent / "results"
 COLUMNS = [
     "attack",
     "defense",
+    "rate",
     "trigger",
     "model",
     "clean_acc",
@@ -151,41 +152,46 @@ def main() -> None:
         lambda: evaluate(clean, triggers, images, labels, probe_x, probe_y, data.classnames, args.target),
     )
     for r in clean_rows:
-        rows.append({"attack": "none", "defense": "none", "model": args.model, **r, "command": manifest["command"]})
+        rows.append({"attack": "none", "defense": "none", "rate": 0.0, "model": args.model, **r})
+        rows[-1]["command"] = manifest["command"]
         rows[-1]["checkpoint_sha256"] = clean.checkpoint_sha256
-    for attack in ATTACKS:
-        for defense in ("none", *DEFENSES):
-            d = runs / (attack if defense == "none" else f"{attack}+{defense}")
-            if not (d / "model.pt").exists():
-                continue
-            clip = load_checked(d / "model.pt")
-            m = json.loads((d / "model.json").read_text())
-            (r,) = cached(
-                cache,
-                f"{d.name}_{clip.checkpoint_sha256[:16]}_{tag}",
-                partial(
-                    evaluate,
-                    clip,
-                    {attack: load_trigger(d / "trigger.pt")},
-                    images,
-                    labels,
-                    probe_x,
-                    probe_y,
-                    data.classnames,
-                    args.target,
-                ),
-            )
-            rows.append(
-                {
-                    "attack": attack,
-                    "defense": defense,
-                    "model": f"{m['model']} <- {d.name}",
-                    **r,
-                    "checkpoint_sha256": clip.checkpoint_sha256,
-                    "command": m["command"],
-                }
-            )
-            print(json.dumps({k: rows[-1][k] for k in COLUMNS[:8]}), flush=True)
+    for d in sorted(m.parent for m in runs.glob("*/model.json")):
+        if not (d / "model.pt").exists() or not (d / "trigger.pt").exists():
+            continue
+        clip = load_checked(d / "model.pt")
+        m = json.loads((d / "model.json").read_text())
+        attack, defense = m.get("attack", "none"), m.get("defense", "none")
+        rate = m.get("poison", {}).get("rate")
+        if rate is None:  # a defense: the rate of the checkpoint it started from
+            src = manifest_path(m["source"]["checkpoint"])
+            rate = json.loads(src.read_text()).get("poison", {}).get("rate", "") if src.exists() else ""
+        (r,) = cached(
+            cache,
+            f"{d.name}_{clip.checkpoint_sha256[:16]}_{tag}",
+            partial(
+                evaluate,
+                clip,
+                {attack: load_trigger(d / "trigger.pt")},
+                images,
+                labels,
+                probe_x,
+                probe_y,
+                data.classnames,
+                args.target,
+            ),
+        )
+        rows.append(
+            {
+                "attack": attack,
+                "defense": defense,
+                "rate": rate,
+                "model": f"{m['model']} <- {d.name}",
+                **r,
+                "checkpoint_sha256": clip.checkpoint_sha256,
+                "command": m["command"],
+            }
+        )
+        print(json.dumps({k: rows[-1][k] for k in COLUMNS[:9]}), flush=True)
     for row in rows:
         row["promptfl_asr"] = ""
         for k in COLUMNS:
@@ -198,7 +204,7 @@ def main() -> None:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    head = COLUMNS[:11]
+    head = COLUMNS[:12]
     lines = [
         f"# Backdoored CLIP: zero-shot and linear-probe ASR ({args.split} split, {len(idx)} images)",
         "",
