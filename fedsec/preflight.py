@@ -181,17 +181,20 @@ def _check_idx_header(path: Path) -> None:
 def check_model(cfg: RunConfig) -> None:
     """The model is known, its checkpoint readable and fitting, and ``n-ctx`` matches ``ctx-init``.
 
+    Reads the architecture configs and the tokenizer through :mod:`fedsec.models.catalog`, so the
+    common case imports neither open_clip nor torchvision. A shipped (``embedded``) checkpoint
+    whose SHA-256 equals its manifest's is the file built for that architecture and is not
+    loaded here; any other local checkpoint is loaded and compared key by key.
+
     Raises
     ------
     ConfigError
         Naming ``model``, ``pretrained`` or ``n-ctx``.
     """
-    import open_clip
+    from fedsec.models import catalog
+    from fedsec.models.factory import PretrainedUnavailable, resolve_pretrained, sha256_file
 
-    from fedsec.models.factory import PretrainedUnavailable, register_configs, resolve_pretrained, sha256_file
-
-    register_configs()
-    if cfg.model not in open_clip.list_models():
+    if cfg.model not in catalog.known_models():
         raise ConfigError(
             f"run-config model={cfg.model!r} is not an open_clip model; see open_clip.list_models() "
             "or add a JSON config"
@@ -201,18 +204,21 @@ def check_model(cfg: RunConfig) -> None:
         if source and os.path.exists(source):
             if sha and sha256_file(source) != sha:
                 raise PretrainedUnavailable(f"checkpoint {source} does not have the SHA-256 {sha} of its manifest")
-            from fedsec.models.checkpoint import check_checkpoint
+            if not (sha and cfg.pretrained == "embedded"):
+                from fedsec.models.checkpoint import check_checkpoint
 
-            check_checkpoint(cfg.model, source)
-        elif source and source not in open_clip.list_pretrained_tags_by_model(cfg.model):
+                check_checkpoint(cfg.model, source)
+        elif source:
+            import open_clip
+
             known = open_clip.list_pretrained_tags_by_model(cfg.model)
-            raise PretrainedUnavailable(f"tag {source!r} is not known for {cfg.model!r}; known tags: {known}")
+            if source not in known:
+                raise PretrainedUnavailable(f"tag {source!r} is not known for {cfg.model!r}; known tags: {known}")
     except PretrainedUnavailable as exc:
         raise ConfigError(f"run-config pretrained={cfg.pretrained!r}: {exc}") from exc
     if cfg.ctx_init:
-        tokenizer = open_clip.get_tokenizer(cfg.model)
-        n_init = len(tokenizer.encode(cfg.ctx_init)) if hasattr(tokenizer, "encode") else cfg.n_ctx
-        if n_init != cfg.n_ctx:
+        n_init = catalog.count_tokens(cfg.model, cfg.ctx_init)
+        if n_init >= 0 and n_init != cfg.n_ctx:
             raise ConfigError(
                 f"run-config n-ctx={cfg.n_ctx} but ctx-init={cfg.ctx_init!r} has {n_init} tokens; "
                 f"set n-ctx={n_init}, or ctx-init='' for a random init"
@@ -261,9 +267,9 @@ def check_trigger_geometry(cfg: RunConfig) -> None:
     ConfigError
         Naming ``patch-size`` (or ``badclip-patch-size``), ``patch-top`` / ``patch-left`` and the image size.
     """
-    import open_clip
+    from fedsec.models import catalog
 
-    size = (open_clip.get_model_config(cfg.model) or {}).get("vision_cfg", {}).get("image_size")
+    size = (catalog.model_config(cfg.model) or {}).get("vision_cfg", {}).get("image_size")
     if cfg.attack == "none" or not isinstance(size, int):
         return
     if cfg.attack == "badclip" and cfg._has("badclip-patch-size"):

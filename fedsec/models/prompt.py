@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 POSITIONS = ("end", "middle", "front")
@@ -45,6 +44,8 @@ class TextEncoder(nn.Module):
         off before the transformer: the result is the same, at the cost of the
         longest prompt instead of the context length.
         """
+        from open_clip.transformer import text_global_pool  # here, so importing this module needs no open_clip
+
         keep = self.keep_length(tokenized)
         cast_dtype = self.transformer.get_cast_dtype()
         x = embeddings[:, :keep].to(cast_dtype) + self.positional_embedding[:keep].to(cast_dtype)
