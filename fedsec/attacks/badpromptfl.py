@@ -42,12 +42,17 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "attack-mode", "joint", "optimise trigger and prompt jointly, or alternate", choices=("joint", "alternating")
     ),
-    Param("trigger-steps", 25, "trigger steps per alternating round", range=(0, None)),
-    Param("attack-local-steps", 50, "malicious local steps (joint mode)", range=(1, None)),
-    Param("attack-lr", 0.005, "malicious prompt learning rate", range=(0.0, None)),
+    Param("trigger-steps", 25, "trigger steps before the prompt steps (alternating mode)", range=(0, None)),
+    Param("attack-local-steps", 50, "malicious local steps (0 = local-steps)", range=(0, None)),
+    Param("attack-lr", 0.005, "malicious prompt learning rate (0 = lr)", range=(0.0, None)),
     Param("stealth-weight", 5.0, "mu: weight of KL(global || local) on clean data", range=(0.0, None)),
     Param("trigger-separation", 2.0, "nu: weight pushing triggered features from the clean ones", range=(0.0, None)),
-    Param("trigger-rounds", 3, "alternating rounds per local training", range=(1, None)),
+    Param(
+        "trigger-rounds",
+        3,
+        "attack rounds in which the trigger is optimised, then frozen (0 = every round)",
+        range=(0, None),
+    ),
 )
 
 
