@@ -32,9 +32,13 @@ CFG = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
-    """A finished 2-round BadNets run on 2 SuperNodes: (summary, run directory)."""
+    """A finished 2-round BadNets run on 2 SuperNodes: (summary, run directory).
+
+    Session scope: the two tests using it share one xdist group (one worker), and a module-scoped
+    fixture would be built again whenever the worker ran another module's test in between.
+    """
     path = tmp_path_factory.mktemp("hardening") / "run"
     summary = run(ROOT, {**CFG, "run-dir": str(path)}, num_supernodes=2, quiet=True)
     return summary, path
