@@ -217,7 +217,7 @@ def caption_pool(
     rng = np.random.default_rng([seed, class_index])
     offset = int(rng.integers(len(TEMPLATES)))
     canonical = [TEMPLATES[(offset + i) % len(TEMPLATES)].format(names[class_index]) for i in range(n_canonical)]
-    reps = -(-n_synonym // len(synonyms))  # ceil
+    reps = max(1, -(-n_synonym // len(synonyms)))  # ceil
     order = np.concatenate([rng.permutation(len(synonyms)) for _ in range(reps)])[:n_synonym]
     return canonical + [synonyms[i] for i in np.sort(order)]
 
