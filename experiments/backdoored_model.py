@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--probe-per-class", type=int, default=100, help="clean clients' images per class for the probe")
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated run directories to evaluate (fills the cache)")
     ap.add_argument("--out", default="", help="CSV path (default experiments/results/backdoored_model[_val].csv)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,6 +158,8 @@ def main() -> None:
         rows[-1]["checkpoint_sha256"] = clean.checkpoint_sha256
     for d in sorted(m.parent for m in runs.glob("*/model.json")):
         if not (d / "model.pt").exists() or not (d / "trigger.pt").exists():
+            continue
+        if args.only and d.name not in args.only.split(","):
             continue
         clip = load_checked(d / "model.pt")
         m = json.loads((d / "model.json").read_text())
