@@ -79,8 +79,8 @@ def update_stealth(updates: dict[int, np.ndarray], malicious: Iterable[int]) -> 
     malicious : iterable of int
         Malicious client ids.
     """
-    mal = [k for k in updates if k in set(malicious)]
-    ben = [k for k in updates if k not in set(malicious)]
+    mal = sorted(k for k in updates if k in set(malicious))  # sorted: sums do not depend on reply arrival order
+    ben = sorted(k for k in updates if k not in set(malicious))
     out = {
         "mal_cos_dist": float("nan"),
         "benign_cos_dist": float("nan"),
