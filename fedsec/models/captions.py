@@ -15,6 +15,8 @@ the per-class caption pool; pretraining draws captions uniformly from it.
 
 from __future__ import annotations
 
+from fedsec.data.datasets import FASHION_MNIST_CLASSES
+
 TEMPLATES = [
     "a photo of a {}.",
     "a picture of the {}.",
@@ -138,18 +140,7 @@ SYNONYMS = [
 
 
 #: The canonical Fashion-MNIST class names (as :mod:`fedsec.data` names them), in label order.
-CANONICAL_NAMES = [
-    "t-shirt",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-]
+CANONICAL_NAMES = list(FASHION_MNIST_CLASSES)
 
 
 def synonym_captions(class_index: int) -> list[str]:
