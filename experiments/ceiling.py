@@ -102,7 +102,7 @@ def run_cell(cfg: RunConfig, clients: int, store: Path) -> dict:
     from experiments.inprocess_fl import run_inprocess
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return run_inprocess(cfg, clients, verbose=False, store=store)
+    return run_inprocess(cfg, clients, verbose=True, store=store)
 
 
 def final_metrics(cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path) -> dict:
@@ -164,8 +164,18 @@ def main() -> None:
     ap.add_argument("grid", help="ceiling grid TOML, e.g. experiments/grids/ceiling.toml")
     ap.add_argument("--only", nargs="*", default=None, help="run only these cells")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ceiling"))
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [base] run-config key (TOML value), e.g. --set device='cuda'",
+    )
     args = ap.parse_args()
     base, cells = load_cells(Path(args.grid))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     benign_cache: dict[str, dict] = {}
@@ -199,6 +209,7 @@ def main() -> None:
             "asr_per_round": asrs,
             "acc_per_round": res["accs"],
             "wall_s": time.perf_counter() - t0,
+            "device": torch.cuda.get_device_name() if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
             "command": command(base, cell),
             **final,
         }
