@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shlex
 import sys
 import tempfile
@@ -86,6 +87,11 @@ def cell_config(base: dict, cell: dict, attack: bool = True) -> tuple[RunConfig,
     """The run config of a cell (``attack=False``: the same cell without attack) and its client count."""
     values = {**base, **{k: v for k, v in cell.items() if k not in ("name", "clients")}}
     if not attack:
+        # Attack keys cannot change a run without attack: reset them, so cells that differ only in
+        # the attack's settings share one no-attack reference run.
+        from fedsec.attacks.base import ATTACKS
+
+        values.update({p.key: p.default for p in ATTACKS.params()})
         values.update({"attack": "none", "num-malicious": 0, "malicious-ids": ""})
     return RunConfig.from_mapping(values), int(cell["clients"])
 
@@ -102,7 +108,7 @@ def run_cell(cfg: RunConfig, clients: int, store: Path) -> dict:
     from experiments.inprocess_fl import run_inprocess
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return run_inprocess(cfg, clients, verbose=True, store=store)
+    return run_inprocess(cfg, clients, verbose=True, store=store, local_eval=False)
 
 
 def final_metrics(cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path) -> dict:
@@ -139,6 +145,50 @@ def final_metrics(cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store
     return out
 
 
+def runs_from_log(text: str) -> list[list[tuple[float, float | None]]]:
+    """The per-round ``(clean_acc, asr)`` of each run in a cell's log (a run restarts at round 1).
+
+    A cell's log holds its no-attack reference run first, then the attacked run; the lines are
+    those ``experiments/inprocess_fl.py`` prints (``round N: clean_acc X%  asr Y%``).
+    """
+    runs: list[list[tuple[float, float | None]]] = []
+    for line in text.splitlines():
+        m = re.match(r"round (\d+): clean_acc ([\d.]+)%  asr (-|[\d.]+%)", line)
+        if not m:
+            continue
+        if int(m.group(1)) == 1:
+            runs.append([])
+        asr = None if m.group(3) == "-" else float(m.group(3)[:-1]) / 100
+        runs[-1].append((float(m.group(2)) / 100, asr))
+    return runs
+
+
+def partial_table(log_dir: Path) -> str:
+    """A table of the rounds each cell's log reached (for cells cut off before their end)."""
+    cols = ["cell", "attacked rounds seen", "ASR r10", "ASR r20", "ASR last", "min ASR last 5", "clean last"]
+    cols += ["no-attack clean same round", "gap"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for log in sorted(Path(log_dir).glob("*.txt")):
+        runs = runs_from_log(log.read_text())
+        if len(runs) < 2:
+            lines.append(f"| {log.stem} | 0 | - | - | - | - | - | - | - |")
+            continue
+        ref, att = runs[0], runs[1]
+        n = len(att)
+        asr = [a for _, a in att]
+
+        def at(r: int, asr: list = asr, n: int = n) -> str:
+            return "-" if r > n or asr[r - 1] is None else f"{100 * asr[r - 1]:.1f}%"
+
+        ref_acc = ref[n - 1][0] if n <= len(ref) else None
+        gap = "-" if ref_acc is None else f"{100 * (att[-1][0] - ref_acc):+.1f}"
+        lines.append(
+            f"| {log.stem} | {n} | {at(10)} | {at(20)} | {at(n)} | {100 * min(asr[-5:]):.1f}% "
+            f"| {100 * att[-1][0]:.1f}% | {'-' if ref_acc is None else f'{100 * ref_acc:.1f}%'} | {gap} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def fmt(v: object) -> str:
     """Percent for rates, plain otherwise."""
     if isinstance(v, float):
@@ -171,7 +221,17 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a [base] run-config key (TOML value), e.g. --set device='cuda'",
     )
+    ap.add_argument(
+        "--from-logs",
+        metavar="DIR",
+        help="instead of running: table of the rounds reached by the cell logs in DIR (cut-off runs)",
+    )
     args = ap.parse_args()
+    if args.from_logs:
+        table = partial_table(Path(args.from_logs))
+        (Path(args.from_logs) / "partial.md").write_text(table)
+        print(table)
+        return
     base, cells = load_cells(Path(args.grid))
     for item in args.set:
         key, _, value = item.partition("=")

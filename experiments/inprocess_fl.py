@@ -29,8 +29,19 @@ from fedsec.node import clip_for, get_ctx, local_data_for, prompt_model_for, see
 from fedsec.training import train_on_features
 
 
-def run_inprocess(cfg: RunConfig, num_clients: int, verbose: bool = True, store: Path | None = None) -> dict:
-    """FedAvg over ``num_clients`` clients; returns per-round accuracies, ASR and timings."""
+def run_inprocess(
+    cfg: RunConfig,
+    num_clients: int,
+    verbose: bool = True,
+    store: Path | None = None,
+    local_eval: bool | None = None,
+) -> dict:
+    """FedAvg over ``num_clients`` clients; returns per-round accuracies, ASR and timings.
+
+    ``verbose`` prints one line per round; ``local_eval`` (default: ``verbose``) also evaluates
+    every malicious client's local prompt and trigger, which costs an encoding per attacker.
+    """
+    local_eval = verbose if local_eval is None else local_eval
     t0 = time.perf_counter()
     store = Path(store or tempfile.mkdtemp(prefix="fedsec-inprocess-")) / "attacker"
     malicious = (
@@ -71,7 +82,7 @@ def run_inprocess(cfg: RunConfig, num_clients: int, verbose: bool = True, store:
                 if not attack.is_active(rnd):
                     attack = get_attack("none")(cfg, store)
                 stats = attack.run(model, data, clip, rnd, pid, seed)
-                if verbose and attack.name != "none":
+                if local_eval and attack.name != "none":
                     local_trig = attack.load_trigger()  # written by this round's attackers so far
                     with torch.no_grad():
                         tf = clip.encode_images_batched(local_trig(images[asr_idx]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.ceiling import cell_config, command, load_cells
+from experiments.ceiling import cell_config, command, load_cells, partial_table, runs_from_log
 from tests.conftest import ROOT
 
 
@@ -32,6 +32,31 @@ def test_no_attack_twin_keeps_everything_but_the_attack():
     # Assert
     assert clients == 10 and benign.attack == "none" and benign.num_malicious == 0
     assert benign.num_server_rounds == attacked.num_server_rounds == 7 and benign.seed == attacked.seed == 3
+    # the attack's own keys are reset, so cells differing only in them share one reference run
+    assert attacked.get("patch-size") == 4 and benign.get("patch-size") == 8
+    other, _ = cell_config(base, {**cell, "patch-size": 12, "stealth-weight": 0.0}, attack=False)
+    assert other.to_dict() == benign.to_dict()
+
+
+def test_cut_off_logs_give_the_rounds_they_reached(tmp_path):
+    # Prepare: a no-attack run of 3 rounds, then an attacked run cut off after 2
+    log = "\n".join(
+        [
+            "round 1: clean_acc 40.0%  asr -",
+            "round 2: clean_acc 50.0%  asr -",
+            "round 3: clean_acc 60.0%  asr -",
+            "  malicious 3: local clean_acc 1.0%  local asr 2.0%  {}",
+            "round 1: clean_acc 35.0%  asr 10.0%",
+            "round 2: clean_acc 45.5%  asr 90.0%",
+        ]
+    )
+    (tmp_path / "cell.txt").write_text(log)
+    # Execute
+    runs = runs_from_log(log)
+    table = partial_table(tmp_path)
+    # Assert
+    assert runs == [[(0.4, None), (0.5, None), (0.6, None)], [(0.35, 0.1), (0.455, 0.9)]]
+    assert "| cell | 2 | - | - | 90.0% | 10.0% | 45.5% | 50.0% | -4.5 |" in table
 
 
 def test_command_reproduces_the_cell_and_bad_cells_are_named(tmp_path):
