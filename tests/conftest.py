@@ -60,6 +60,7 @@ def embedded_clip():
     return create_clip("fedsec-tiny-clip", "embedded")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """End-to-end tests first (longest processing time first), unit tests after.
 
@@ -75,6 +76,15 @@ def pytest_collection_modifyitems(config, items):
         return (0, known[0] if known else len(_LONGEST_FIRST))
 
     items.sort(key=rank)
+    if getattr(config.option, "loadgroup", False):
+        # pytest-xdist appends "@group" to the node ids of xdist_group tests (its hook runs before this one);
+        # without it, tests that share one Flower run land on different workers and each start their own.
+        lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(
+                f"pytest-xdist did not group {lost[0]} (pytest {pytest.__version__}): install pytest<9, "
+                "as pyproject.toml's dev extra pins"
+            )
 
 
 #: End-to-end tests, longest first (several Flower starts, or waits on heartbeats), as measured.
