@@ -84,13 +84,13 @@ def test_matrix_plot_has_one_row_of_panels_per_attack(tmp_path):
 @pytest.mark.e2e
 @needs_fmnist
 def test_sweep_resumes_after_kill_9(tmp_path):
-    # Prepare: a 3-run grid of tiny runs
+    # Prepare: a 2-run grid of tiny runs
     grid = tmp_path / "resume.toml"
     grid.write_text(
         '[sweep]\nname = "resume"\nnum-supernodes = 2\n'
         f'runs-root = "{tmp_path / "runs"}"\n'
         "[base]\nnum-server-rounds = 1\nk-shot = 2\nlocal-steps = 2\neval-samples = 300\n"
-        "[grid]\nseed = [0, 1, 2]\n"
+        "[grid]\nseed = [0, 1]\n"
     )
     cmd = [
         sys.executable,
@@ -114,9 +114,9 @@ def test_sweep_resumes_after_kill_9(tmp_path):
     first = (root / "seed=0" / "summary.json").stat().st_mtime
     done_before = sorted(p.parent.name for p in root.glob("*/summary.json"))
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    # Assert: the finished run was skipped, the others completed, one table for all three
+    # Assert: the finished run was skipped, the other completed, one table for both
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "seed=0" in done_before and f"{len(done_before)} done" in out.stdout
-    assert sorted(p.parent.name for p in root.glob("*/summary.json")) == ["seed=0", "seed=1", "seed=2"]
+    assert sorted(p.parent.name for p in root.glob("*/summary.json")) == ["seed=0", "seed=1"]
     assert (root / "seed=0" / "summary.json").stat().st_mtime == first
-    assert (tmp_path / "res" / "resume.csv").read_text().count("\n") == 2  # header + one method (3 seeds)
+    assert (tmp_path / "res" / "resume.csv").read_text().count("\n") == 2  # header + one method (2 seeds)

@@ -603,7 +603,7 @@ class Deployment:
         cmd = [_bin("flwr"), "run", str(cfg.app_dir), cfg.connection, "--stream", "--run-config", rc_str]
         log_path = run_path / "flwr.log"
         self._say("$ " + shlex.join(cmd))
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         with open(log_path, "w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             proc = subprocess.Popen(
@@ -647,9 +647,13 @@ class Deployment:
         self.procs.pop("flwr-run", None)
         wall = time.perf_counter() - t0
         summary_path = run_path / "summary.json"
-        if rc != 0 or not summary_path.exists():
+        # flwr run exits 0 when the ServerApp raises, and a resumed or repeated run directory may hold an
+        # older summary.json: only one written by this run is proof of success (as in fedsec.launch.run).
+        fresh = summary_path.exists() and summary_path.stat().st_mtime >= started - 1.0
+        if rc != 0 or not fresh:
+            why = f"exit {rc}" if rc else "no summary.json written by this run"
             raise RuntimeError(
-                f"flwr run failed (exit {rc}); see {log_path}\n"
+                f"flwr run failed ({why}); see {log_path}\n"
                 + "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
             )
         summary = json.loads(summary_path.read_text())
