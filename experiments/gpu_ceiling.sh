@@ -27,5 +27,5 @@ for c in $cells; do
 done
 wait
 nvidia-smi --query-gpu=name,memory.used --format=csv
-grep -h "^\[ceiling\]" "$OUT"/logs/*.txt
+grep -h "^\[ceiling\]" "$OUT"/logs/*.txt; tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 ls "$OUT/ceiling"
