@@ -2,7 +2,7 @@
 
 Runs the same experiment two or three times, one after the other (never at once):
 
-1. a loopback deployment (``experiments/deploy/deploy.py``): a SuperLink and ``--nodes``
+1. a loopback deployment (``fedsec/deploy.py``): a SuperLink and ``--nodes``
    SuperNodes, TLS and SuperNode authentication on (``--insecure`` turns both off), every
    ClientApp message in a fresh ``flwr-clientapp`` process;
 2. with ``--warm``, the same deployment with warm ClientApp processes (``deploy.py
@@ -34,7 +34,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -56,11 +55,9 @@ SMALL = {"k-shot": 4, "local-steps": 5, "eval-samples": 1000, "asr-eval-samples"
 
 
 def _load_deploy():
-    spec = importlib.util.spec_from_file_location("fedsec_deploy", ROOT / "experiments" / "deploy" / "deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    import fedsec.deploy
+
+    return fedsec.deploy
 
 
 def round_stats(run_dir: Path) -> dict:

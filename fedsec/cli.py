@@ -6,6 +6,9 @@
     run a grid of experiments (resumable) and write its results table and plots;
 ``fedsec report <run-dir>...``
     the same table and plots from any finished run directories;
+``fedsec deploy {all,superlink,supernodes,register,run} ...``
+    run on a Flower deployment (SuperLink + SuperNodes, TLS and node
+    authentication; see :mod:`fedsec.deploy` and ``docs/deployment.md``);
 ``fedsec config [--write | --markdown]``
     print the ``[tool.flwr.app.config]`` table (every key and default, core,
     attack and strategy parameters); ``--write`` puts it into ./pyproject.toml;
@@ -20,7 +23,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to the sub-command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": _run, "sweep": _sweep, "report": _report, "config": _config}
+    commands = {"run": _run, "sweep": _sweep, "report": _report, "deploy": _deploy, "config": _config}
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -37,6 +40,12 @@ def _sweep(argv: list[str]) -> None:
     from fedsec.sweep import main_sweep  # imports torch: only for the commands that need it
 
     main_sweep(argv)
+
+
+def _deploy(argv: list[str]) -> None:
+    from fedsec.deploy import main as deploy_main
+
+    raise SystemExit(deploy_main(argv))
 
 
 def _report(argv: list[str]) -> None:

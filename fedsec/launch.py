@@ -61,7 +61,8 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
+    """The path of a Flower executable (``flwr``, ``flower-superlink``, ...) beside this interpreter, else ``name``."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
 
@@ -92,7 +93,7 @@ def kill_tree(pid: int, grace_s: float = 15.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in tree):
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and pid_alive(p) for p in tree):
         time.sleep(0.2)
     for p in tree:
         try:
@@ -101,7 +102,8 @@ def kill_tree(pid: int, grace_s: float = 15.0) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as dead)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -213,7 +215,7 @@ class LocalSuperLink:
             fields = self.pid_file.read_text().split()
             pid = int(fields[0])
             owner = int(fields[1]) if len(fields) > 1 else 0
-            if owner and _alive(owner) and owner != os.getpid():
+            if owner and pid_alive(owner) and owner != os.getpid():
                 return  # another launcher's SuperLink, still in use
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             if "flower-superlink" in cmdline:
@@ -257,7 +259,7 @@ class LocalSuperLink:
                 "SuperLink keeps running after `flwr run`) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
             )
         cmd = [
-            _bin("flower-superlink"),
+            flower_bin("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -345,7 +347,8 @@ def stage_app(app_dir: Path, dest_root: Path) -> Path:
     return dest
 
 
-def _toml_value(v: object) -> str:
+def toml_value(v: object) -> str:
+    """``v`` written as a TOML value for ``flwr run --run-config`` (strings quoted, booleans lower case)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -509,7 +512,7 @@ def run(
     env = flower_env(app_dir)
     values, cfg, run_dir = prepare(app_dir, overrides, config_file, num_supernodes, overwrite, env)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rc_str = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    rc_str = " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
     cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
     fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
     if gpus_per_client:
@@ -517,7 +520,17 @@ def run(
     t0 = time.time()
     _exit_on_sigterm()
     staged = stage_app(app_dir, Path(env["FLWR_HOME"]) / "staging")  # flwr run walks every file of its folder
-    cmd = [_bin("flwr"), "run", str(staged), "local", "--stream", "--federation-config", fed, "--run-config", rc_str]
+    cmd = [
+        flower_bin("flwr"),
+        "run",
+        str(staged),
+        "local",
+        "--stream",
+        "--federation-config",
+        fed,
+        "--run-config",
+        rc_str,
+    ]
     log_path = run_dir / "flwr.log"
     rounds = cfg.num_server_rounds
     superlink_log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"

@@ -22,7 +22,7 @@ no SuperExec of its own)::
     python -m fedsec.warm_superexec --runtime-api-address 127.0.0.1:9094 --insecure \\
         --parent-pid <the SuperNode's pid>
 
-``experiments/deploy/deploy.py --warm-clientapp`` does this for every SuperNode.
+``fedsec/deploy.py --warm-clientapp`` does this for every SuperNode.
 
 The hook into Flower is one name: ``run_superexec`` looks its executor up through the
 module-level ``get_executor``, which is replaced here by one returning a

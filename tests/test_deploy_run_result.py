@@ -32,7 +32,7 @@ def test_a_stale_summary_is_not_success(tmp_path, monkeypatch, write_summary):
     # Prepare: a run directory holding an old summary.json, and an flwr that exits 0
     deploy = load_deploy()
     fake = _fake_flwr(tmp_path / "flwr", write_summary)
-    monkeypatch.setattr(deploy, "_bin", lambda name: fake)
+    monkeypatch.setattr(deploy, "flower_bin", lambda name: fake)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"clean_acc": 0.9}))

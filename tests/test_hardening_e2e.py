@@ -127,7 +127,7 @@ with LocalSuperLink(env, Path(sys.argv[2])) as link:
 """
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -164,13 +164,13 @@ def test_simultaneous_launchers_get_their_own_superlink_and_a_killed_one_leaves_
         procs[0].wait()
         t0 = time.monotonic()
         first = {links[0], *descendants(links[0])}
-        while time.monotonic() - t0 < 10 and any(_alive(p) for p in first):
+        while time.monotonic() - t0 < 10 and any(pid_alive(p) for p in first):
             time.sleep(0.2)
         reaped_s = time.monotonic() - t0
         # Assert: two SuperLinks on two ports; the killed launcher's tree is gone within 10 s, the other lives
         assert len(set(ports)) == 2, ports
-        assert not any(_alive(p) for p in first), f"left after {reaped_s:.1f}s"
-        assert _alive(links[1])
+        assert not any(pid_alive(p) for p in first), f"left after {reaped_s:.1f}s"
+        assert pid_alive(links[1])
     finally:
         for p in procs:
             if p.poll() is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make TLS certificates for a fedsec SuperLink and SuperNode authentication keys (Flower 1.41).
 #
-# Usage: experiments/deploy/make_certs.sh [-n NUM_NODES] [-f] OUT_DIR [HOST ...]
+# Usage: fedsec/make_certs.sh [-n NUM_NODES] [-f] OUT_DIR [HOST ...]
 #
 #   OUT_DIR/ca.crt, ca.key          a self-signed CA (kept if it exists, unless -f)
 #   OUT_DIR/server.pem, server.key  the SuperLink's certificate, signed by the CA, with
