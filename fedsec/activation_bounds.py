@@ -8,12 +8,21 @@ initialised from activation statistics on (synthetic) data and optimised to
 keep the clamped model's outputs close to the unclamped model's (KL or CE)
 while a norm penalty shrinks them. Model parameters never change.
 
-Pure torch: the bounds are applied with forward hooks on named sub-modules of
-any ``nn.Module`` (here the open_clip ``CLIP``; default layers: the image
-encoder's transformer block outputs). Layer patterns match module names
-segment by segment (``*`` matches one segment), e.g.
+Pure torch, the maths only: the bounds are learned and applied with forward
+hooks on named sub-modules of any ``nn.Module`` (fedsec's server learns them on
+the open_clip ``CLIP``, see :mod:`fedsec.bounds_clip`; the Flower wrapper that
+sends them is :mod:`strategies.bounds_wrapper`). Layer patterns match module
+names segment by segment (``*`` matches one segment), e.g.
 ``visual.transformer.resblocks.*`` or ``transformer.resblocks.*`` (the text
-encoder, which the prompt classifier reuses).
+encoder, which the prompt classifier reuses), or ``conv1`` in a CNN.
+
+Activations are batch first. Per-neuron bounds have the shape of one sample's
+activation; per-channel bounds need the channel dimension said explicitly
+(``channel_dim``): ``-1`` for transformer tokens ``(batch, tokens, channels)``,
+``1`` for conv maps ``(batch, channels, height, width)``. A per-channel bound
+has shape ``(C,)`` on the last dimension and ``(C, 1, ..., 1)`` on an earlier
+one, so it broadcasts against the layer's output and travels without the
+dimension beside it.
 
 Optionally the bounds are two-sided: an entry named ``<layer>@lower`` holds a
 lower bound of the same shape, applied as ``max(h, lo)`` (``@`` cannot occur in a
@@ -114,6 +123,103 @@ class ActivationBounds(nn.Module):
         return h.hexdigest()
 
 
+def channel_axis(ndim: int, channel_dim: int | None, name: str = "") -> int:
+    """The non-negative channel axis of an activation with ``ndim`` dimensions (batch first).
+
+    Parameters
+    ----------
+    ndim : int
+        Dimensions of the activation, batch included.
+    channel_dim : int or None
+        The channel dimension as given (negative counts from the end). ``None``
+        is accepted only for ``(batch, features)`` activations, where it is 1.
+    name : str
+        The layer (error messages).
+
+    Returns
+    -------
+    int
+        The axis, in ``[1, ndim)``.
+
+    Raises
+    ------
+    ValueError
+        When ``channel_dim`` is ``None`` for an activation of more than 2
+        dimensions (ambiguous: tokens or conv channels?), out of range, or the
+        batch dimension.
+    """
+    if channel_dim is None:
+        if ndim == 2:
+            return 1
+        raise ValueError(
+            f"layer {name!r}: per-channel bounds on {ndim}-d activations are ambiguous; pass channel_dim "
+            "(-1 for transformer tokens (batch, tokens, channels), 1 for conv maps (batch, channels, height, width))"
+        )
+    if not -ndim <= channel_dim < ndim:
+        raise ValueError(f"layer {name!r}: channel_dim {channel_dim} is out of range for {ndim}-d activations")
+    axis = channel_dim % ndim
+    if axis == 0:
+        raise ValueError(f"layer {name!r}: channel_dim {channel_dim} is the batch dimension")
+    return axis
+
+
+def unit_rows(
+    acts: torch.Tensor, granularity: str, channel_dim: int | None = None, name: str = ""
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Activations as ``(observations, units)`` rows, and the shape of the bound of one layer.
+
+    Parameters
+    ----------
+    acts : torch.Tensor
+        One layer's activations, batch first.
+    granularity : str
+        ``"neuron"``: one unit per entry of a sample's activation (bound shape
+        ``acts.shape[1:]``); ``"channel"``: one unit per channel along
+        ``channel_dim``, shared by every other position (bound shape ``(C,)``
+        on the last dimension, ``(C, 1, ..., 1)`` on an earlier one).
+    channel_dim : int or None
+        See :func:`channel_axis` (``"channel"`` only).
+    name : str
+        The layer (error messages).
+
+    Returns
+    -------
+    tuple
+        ``rows`` of shape ``(observations, units)`` and the bound's shape.
+
+    Examples
+    --------
+    >>> rows, shape = unit_rows(torch.zeros(2, 3, 4, 5), "channel", channel_dim=1)
+    >>> tuple(rows.shape), shape
+    ((40, 3), (3, 1, 1))
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if granularity == "neuron":
+        return acts.reshape(acts.shape[0], -1), tuple(acts.shape[1:])
+    axis = channel_axis(acts.dim(), channel_dim, name)
+    channels = acts.shape[axis]
+    rows = acts.movedim(axis, -1).reshape(-1, channels)
+    return rows, (channels, *([1] * (acts.dim() - 1 - axis)))
+
+
+def bound_fits(tau_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether a bound of ``tau_shape`` applies to a layer output of ``out_shape``.
+
+    It does when it equals the output's trailing shape (per neuron, or per
+    channel on the last dimension), or when it is ``(C, 1, ..., 1)`` with ``C``
+    the size of the output's dimension it lines up with (per channel on an
+    earlier dimension, e.g. conv channels).
+    """
+    k = len(tau_shape)
+    if k > len(out_shape):
+        return False
+    tail = tuple(out_shape[len(out_shape) - k :])
+    if tuple(tau_shape) == tail:
+        return True
+    return k > 1 and tau_shape[0] == tail[0] and all(s == 1 for s in tau_shape[1:])
+
+
 def clamp(h: torch.Tensor, tau: torch.Tensor, lower: bool = False) -> torch.Tensor:
     """``min(h, tau)`` (``max(h, tau)`` when ``lower``), ``tau`` broadcast over the leading (batch) dimensions."""
     tau = tau.to(h.device, h.dtype)
@@ -151,7 +257,7 @@ def _clamp_hook(name: str, tau: torch.Tensor, lower: bool = False) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"layer {name!r} returns {type(output).__name__}; only tensor outputs can be bounded")
-        if tuple(output.shape[output.dim() - tau.dim() :]) != tuple(tau.shape):
+        if not bound_fits(tuple(tau.shape), tuple(output.shape)):
             raise ValueError(f"bound of {name!r} has shape {tuple(tau.shape)}; output shape {tuple(output.shape)}")
         return clamp(output, tau, lower)
 
@@ -191,8 +297,12 @@ def init_bounds(
     quantile: float = 1.0,
     margin: float = 0.0,
     two_sided: bool = False,
+    channel_dim: int | None = None,
 ) -> ActivationBounds:
     """Bounds from activation statistics: the ``quantile`` of each channel (or neuron) on ``images``.
+
+    Bi & Li (arXiv 2410.17573) initialise the bounds of each unit from the
+    activations the model produces on (synthetic) data.
 
     Parameters
     ----------
@@ -205,8 +315,9 @@ def init_bounds(
     layers : sequence of str
         Module names (see :func:`resolve_layers`).
     granularity : str
-        ``"channel"`` (one bound per feature, shared by tokens) or ``"neuron"``
-        (one per token position and feature).
+        ``"channel"`` (one bound per channel along ``channel_dim``, shared by the
+        other positions) or ``"neuron"`` (one per position and channel); see
+        :func:`unit_rows`.
     quantile : float
         1.0 = the maximum (the clamps are then a no-op on ``images``).
     margin : float
@@ -214,14 +325,23 @@ def init_bounds(
     two_sided : bool
         Also add lower bounds ``<layer>@lower`` at the ``1 - quantile`` (the
         minimum for 1.0), minus the margin.
+    channel_dim : int, optional
+        The channel dimension of the activations for ``"channel"``: ``-1`` for
+        transformer tokens, ``1`` for conv maps. Required when an activation
+        has more than 2 dimensions (see :func:`channel_axis`).
+
+    Raises
+    ------
+    ValueError
+        For an unknown granularity, or per-channel bounds on activations of
+        more than 2 dimensions without ``channel_dim``.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
     acts = collect_activations(model, forward, images, layers)
     taus: dict[str, torch.Tensor] = {}
     for name, a in acts.items():
-        flat = a.reshape(-1, a.shape[-1]) if granularity == "channel" else a.reshape(a.shape[0], -1)
-        shape = a.shape[-1:] if granularity == "channel" else a.shape[1:]
+        flat, shape = unit_rows(a, granularity, channel_dim, name)
         if quantile >= 1.0:
             upper, low = flat.amax(0), (flat.amin(0) if two_sided else None)
         else:  # torch.quantile takes at most 2^24 elements: a seeded subsample of rows

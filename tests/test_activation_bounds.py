@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from fedsec.activation_bounds import (
@@ -20,7 +20,7 @@ from fedsec.activation_bounds import (
 from fedsec.node import bounds_from_content
 from strategies.activation_bound import BOUNDS_KEY, ActivationBoundWrapper, bounds_record
 from strategies.validation import Validated
-from tests.strategy_helpers import configure, replies_to, train_content
+from tests.strategy_helpers import FakeGrid, configure, replies_to, snapshot, task_identity, train_content
 
 
 def _planted_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def test_clamps_with_infinite_bounds_are_a_no_op(random_clip):
     # Prepare: bounds of every image block, all +inf
     images = torch.rand(6, 3, 32, 32)
     layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
-    stats = init_bounds(random_clip.model, random_clip.encode_images, images, layers)
+    stats = init_bounds(random_clip.model, random_clip.encode_images, images, layers, channel_dim=-1)
     inf = unbounded_like(stats)
     # Execute
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_optimisation_changes_only_the_bounds(random_clip):
     images = torch.rand(16, 3, 32, 32)
     text = torch.nn.functional.normalize(torch.randn(5, 128), dim=-1)
     layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
-    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "channel")
+    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "channel", channel_dim=-1)
     before_bounds = bounds.to_arrays()
     before_params = {k: v.clone() for k, v in random_clip.model.state_dict().items()}
     # Execute
@@ -174,7 +174,9 @@ def test_optimisation_keeps_infinite_lower_bounds_free(random_clip):
     images = torch.rand(16, 3, 32, 32)
     text = torch.nn.functional.normalize(torch.randn(5, 128), dim=-1)
     layers = resolve_layers(random_clip.model, ["visual.transformer.resblocks.*"])
-    bounds = init_bounds(random_clip.model, random_clip.encode_images, images, layers, "channel", 0.9, two_sided=True)
+    bounds = init_bounds(
+        random_clip.model, random_clip.encode_images, images, layers, "channel", 0.9, two_sided=True, channel_dim=-1
+    )
     arrays = bounds.to_arrays()
     arrays[layers[0] + "@lower"][:] = -np.inf
     bounds = ActivationBounds.from_arrays(arrays)
@@ -400,3 +402,116 @@ def test_clients_train_under_the_bounds_only_when_configured():
     assert training_bounds(on, bounds) is bounds
     assert training_bounds(off, bounds) is None
     assert training_bounds(on, None) is None and training_bounds(off, None) is None
+
+
+# -- any torch module: an explicit channel dimension ------------------------------------------
+
+
+class _Conv(nn.Module):
+    """One conv layer whose output (batch, 2 channels, 1, 3) is hand-set by its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, kernel_size=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight[:] = torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1)  # channel 1 = -channel 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_channel_bounds_of_a_conv_use_the_given_channel_dim():
+    # Prepare: two images of one row of 3 pixels; channel 0 sees the pixels, channel 1 their negatives
+    net = _Conv()
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, -5.0]]).reshape(2, 1, 1, 3)
+    # Execute
+    bounds = init_bounds(net, net, x, ["conv"], "channel", 1.0, channel_dim=1, two_sided=True).to_arrays()
+    # Assert: one bound per channel (max over batch and pixels), shaped to broadcast over (H, W)
+    assert bounds["conv"].shape == (2, 1, 1)
+    np.testing.assert_array_equal(bounds["conv"].ravel(), [4.0, 5.0])
+    np.testing.assert_array_equal(bounds["conv@lower"].ravel(), [-5.0, -4.0])
+
+
+def test_channel_bounds_on_an_ambiguous_shape_are_refused():
+    # Prepare: a 4-d conv output and no channel dimension (or the batch one)
+    net = _Conv()
+    x = torch.ones(2, 1, 1, 3)
+    # Execute / Assert: a clear error instead of bounding the width
+    with pytest.raises(ValueError, match="ambiguous; pass channel_dim"):
+        init_bounds(net, net, x, ["conv"], "channel")
+    with pytest.raises(ValueError, match="is the batch dimension"):
+        init_bounds(net, net, x, ["conv"], "channel", channel_dim=0)
+    with pytest.raises(ValueError, match="out of range"):
+        init_bounds(net, net, x, ["conv"], "channel", channel_dim=4)
+
+
+def test_conv_channel_clamps_apply_per_channel_and_neuron_bounds_keep_the_sample_shape():
+    # Prepare: channel bound 2 on channel 0, free on channel 1; a per-neuron bound of shape (2, 1, 3)
+    net = _Conv()
+    x = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 1, 1, 3)
+    per_channel = ActivationBounds({"conv": torch.tensor([2.0, float("inf")]).reshape(2, 1, 1)})
+    per_neuron = init_bounds(net, net, x, ["conv"], "neuron")
+    # Execute
+    with torch.no_grad(), bounded(net, per_channel):
+        out = net(x)
+    # Assert: channel 0 clipped at 2, channel 1 untouched
+    assert tuple(per_neuron.tau[0].shape) == (2, 1, 3)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, 2.0, 2.0]))
+    torch.testing.assert_close(out[0, 1, 0], torch.tensor([-1.0, -2.0, -3.0]))
+
+
+def test_a_bound_that_fits_neither_the_tail_nor_a_channel_is_refused():
+    # Prepare: 3 values for a conv of 2 channels
+    net = _Conv()
+    wrong = ActivationBounds({"conv": torch.zeros(3, 1, 1)})
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"bound of 'conv' has shape \(3, 1, 1\)"), bounded(net, wrong):
+        net(torch.ones(1, 1, 1, 3))
+
+
+# -- the generic Flower wrapper ------------------------------------------------------------------
+
+
+def test_bounds_wrapper_learns_on_its_array_keys_and_sends_bounds_under_its_key():
+    # Prepare: a two-array model under Flower's record, the bounds under a user-chosen key
+    from strategies.bounds_wrapper import BoundsWrapper
+
+    seen: list[dict] = []
+
+    def learn(arrays, rnd):
+        seen.append(arrays)
+        return {"conv": arrays["w"].sum(keepdims=True)}, {"bound-rounds": rnd}
+
+    wrapper = BoundsWrapper(_FedAvg(), learn, array_keys=("w", "b"), bounds_key="clip-at")
+    model = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(1, np.float32))})
+
+    def reply(w: float) -> RecordDict:
+        arrays = ArrayRecord({"w": Array(np.full(2, w, np.float32)), "b": Array(np.zeros(1, np.float32))})
+        return RecordDict({"arrays": arrays, "metrics": train_content(np.zeros(1))["metrics"]})
+
+    # Execute
+    with task_identity():
+        first = list(wrapper.configure_train(1, model, ConfigRecord(), FakeGrid([1, 2])))
+    replies = replies_to(first, {1: reply(1.0), 2: reply(3.0)})
+    before = snapshot(replies)
+    arrays, metrics = wrapper.aggregate_train(1, replies)
+    with task_identity():
+        second = list(wrapper.configure_train(2, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    # Assert: the learner saw both arrays of the mean model (w = 2); bounds travel under "clip-at"; replies untouched
+    assert sorted(seen[0]) == ["b", "w"] and np.array_equal(seen[0]["w"], [2.0, 2.0])
+    assert "clip-at" not in first[0].content and second[0].content["clip-at"]["conv"].numpy().tolist() == [4.0]
+    assert metrics["bound-rounds"] == 1.0 and snapshot(replies) == before
+    assert set(wrapper.state_dict()) == {"clip-at/conv"}
+
+
+def test_bounds_wrapper_without_its_array_raises_one_clear_error():
+    # Prepare
+    from strategies.bounds_wrapper import BoundsWrapper
+    from strategies.common import MissingKeyError
+
+    wrapper = BoundsWrapper(_FedAvg(), lambda a, r: ({}, {}), array_keys=("conv1.weight",), bounds_key="bounds")
+    # Execute / Assert: the key and the keys present are named
+    with pytest.raises(MissingKeyError, match=r"no 'conv1.weight' in the record; keys present: \['ctx'\]"):
+        configure(wrapper, np.zeros(2, np.float32), [1])
+    with pytest.raises(ValueError, match="non-empty sequence of array keys"):
+        BoundsWrapper(_FedAvg(), lambda a, r: ({}, {}), array_keys="ctx", bounds_key="bounds")

@@ -115,7 +115,9 @@ def main(
         layers = resolve_layers(clip.model, layer_spec.split(","))
         x = synth[torch.from_numpy(subsets[data])]
         t0 = time.time()
-        bounds = init_bounds(clip.model, clip.encode_images, x, layers, gran, float(quantile), two_sided=two_sided)
+        bounds = init_bounds(
+            clip.model, clip.encode_images, x, layers, gran, float(quantile), two_sided=two_sided, channel_dim=-1
+        )
         result = "init " + evaluate(bounds)
         if int(steps):
             optimize_bounds(

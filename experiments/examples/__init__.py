@@ -1,0 +1,1 @@
+"""Example apps that use fedsec as a library."""

@@ -1,0 +1,170 @@
+"""fedsec's bound learner: activation bounds (Bi & Li, arXiv 2410.17573) of the CLIP prompt classifier.
+
+The CLIP- and prompt-specific part of the activation-bound defense: the server
+learns per-channel (or per-neuron) upper bounds on internal activations of the
+frozen open_clip encoder under the new global prompt ``ctx``, on the
+foundation model's synthetic data. The maths (statistics, clamps, the
+optimisation) is :mod:`fedsec.activation_bounds` and works on any
+``torch.nn.Module``; the Flower wrapper that calls a learner after every
+aggregation and sends its bounds is :mod:`strategies.bounds_wrapper`
+(:mod:`strategies.activation_bound` puts the three together for fedsec's
+ServerApp).
+
+Importing this module loads neither torch nor open_clip: they are imported on
+the first call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.common.logger import log
+
+if TYPE_CHECKING:
+    from fedsec.config import RunConfig
+
+
+class BoundLearner:
+    """``(ctx, round) -> (bounds, metrics)`` on the synthetic data, warm-started across rounds.
+
+    The first call initialises the bounds from activation statistics (or from
+    bounds handed to :meth:`load` by a resumed run); every call then runs
+    ``bounds-steps`` optimisation steps against the new global prompt.
+
+    With ``bounds-data = "filtered"`` the bounds are learned only on the
+    synthetic images whose label the ``reference`` prompt predicts (the
+    wrapper sets it to an unfused shadow of the global prompt: the clients'
+    updates without server fusion, see
+    ``strategies.activation_bound.ActivationBoundWrapper._advance_shadow``):
+    a poisoned FM's triggered images carry the target label, which a model
+    that never saw them does not predict, so the filter drops them. The subset
+    changes every round, so the bounds are then re-initialised from its
+    statistics every round (no warm start) before the optimisation steps.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Reads the ``bounds-*`` keys.
+    synthetic_data : callable
+        ``() -> SyntheticSet`` (built lazily, on the first call).
+    """
+
+    def __init__(self, cfg: RunConfig, synthetic_data: Callable) -> None:
+        self.cfg = cfg
+        self.synthetic_data = synthetic_data
+        self.state: dict = {}
+        self.loaded: dict[str, np.ndarray] | None = None
+        self.reference: np.ndarray | None = None
+
+    def load(self, bounds: dict[str, np.ndarray]) -> None:
+        """Start from these bounds (a resumed run's checkpoint) instead of activation statistics."""
+        self.loaded = {k: np.asarray(v, dtype=np.float32).copy() for k, v in bounds.items()}
+        if "bounds" in self.state:
+            self._set(self.loaded)
+
+    def _set(self, arrays: dict[str, np.ndarray]) -> None:
+        from fedsec.activation_bounds import ActivationBounds
+
+        old = self.state["bounds"]
+        if sorted(arrays) != sorted(old.names):
+            raise ValueError(f"checkpointed bounds cover layers {sorted(arrays)}, the run bounds {sorted(old.names)}")
+        device = self.state["images"].device
+        self.state["bounds"] = ActivationBounds.from_arrays({n: arrays[n] for n in old.names}).to(device)
+
+    def _setup(self) -> None:
+        from fedsec.activation_bounds import resolve_layers
+        from strategies.fusion import synthetic_prompt_model
+
+        cfg = self.cfg
+        synthetic = self.synthetic_data()
+        clip, model = synthetic_prompt_model(cfg, synthetic)
+        patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
+        layers = resolve_layers(clip.model, patterns)
+        images = synthetic.images.to(clip.device)
+        text = any(not n.startswith("visual.") for n in layers)
+        self.state.update(clip=clip, model=model, images=images, labels=synthetic.labels, layers=layers, text=text)
+        self.state["bounds"] = self._init(images)
+        if self.loaded is not None:
+            self._set(self.loaded)
+        log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+
+    def _init(self, images) -> object:
+        from fedsec.activation_bounds import init_bounds
+
+        clip = self.state["clip"]
+        return init_bounds(
+            clip.model,
+            clip.encode_images,
+            images,
+            self.state["layers"],
+            str(self.cfg.get("bounds-granularity")),
+            float(self.cfg.get("bounds-init-quantile")),
+            two_sided=bool(self.cfg.get("bounds-two-sided")),
+            channel_dim=-1,  # open_clip's transformer blocks: (batch, tokens, channels)
+        ).to(clip.device)
+
+    def _filtered(self) -> tuple[object, dict]:
+        """The synthetic images whose label the reference prompt predicts (all of them without a reference)."""
+        import torch
+
+        from fedsec.metrics import predict
+        from fedsec.node import set_ctx
+
+        state = self.state
+        if self.reference is None:
+            return state["images"], {}
+        if "features" not in state:  # the encoder is frozen and unclamped here: encode the set once per run
+            state["features"] = state["clip"].encode_images_batched(state["images"])
+        set_ctx(state["model"], self.reference)
+        with torch.no_grad():
+            pred = predict(state["model"], state["features"])
+        keep = (pred == state["labels"]).to(state["images"].device)
+        if int(keep.sum()) == 0:
+            return state["images"], {"bound-kept": 1.0}
+        return state["images"][keep], {"bound-kept": float(keep.float().mean())}
+
+    def __call__(self, ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+        import torch
+
+        from fedsec.activation_bounds import optimize_bounds
+        from fedsec.node import set_ctx
+
+        if not self.state:
+            self._setup()
+        cfg, state = self.cfg, self.state
+        clip, model = state["clip"], state["model"]
+        images, extra = state["images"], {}
+        if str(cfg.get("bounds-data")) == "filtered":
+            images, extra = self._filtered()
+            state["bounds"] = self._init(images)
+        set_ctx(model, ctx)
+        if state["text"]:
+
+            def logits_fn(x: torch.Tensor) -> torch.Tensor:
+                return model.logits_from_features(clip.encode_images(x))
+
+        else:
+            with torch.no_grad():
+                text = model.text_features()
+            scale = clip.logit_scale
+
+            def logits_fn(x: torch.Tensor) -> torch.Tensor:
+                return scale * clip.encode_images(x) @ text.T
+
+        stats = optimize_bounds(
+            clip.model,
+            logits_fn,
+            images,
+            state["bounds"],
+            steps=int(cfg.get("bounds-steps")),
+            lr=float(cfg.get("bounds-lr")),
+            penalty=float(cfg.get("bounds-penalty")),
+            loss=str(cfg.get("bounds-loss")),
+            batch_size=int(cfg.get("bounds-batch-size")),
+            seed=cfg.seed * 104_729 + server_round,
+            trim=float(cfg.get("bounds-trim")),
+        )
+        return state["bounds"].to_arrays(), {**stats, **extra}
