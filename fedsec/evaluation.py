@@ -284,7 +284,7 @@ def format_table(
             return "-"
         if isinstance(v, str):
             return v
-        if k.endswith(("acc", "asr", "tpr", "fpr")):
+        if k.endswith(("acc", "asr", "tpr", "fpr", "rate")):
             return f"{100 * v:.1f}%"
         if isinstance(v, float):
             return f"{v:.1f}"
