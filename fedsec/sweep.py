@@ -259,7 +259,7 @@ def _pm(row: dict, key: str):
     mean, std = row[key], row[key + "_std"]
     if mean is None:
         return None
-    pct = key.removesuffix("_nobounds").endswith(("acc", "asr", "tpr", "fpr"))
+    pct = key.removesuffix("_nobounds").endswith(("acc", "asr", "tpr", "fpr", "rate"))
     scale = 100 if pct else 1
     return f"{scale * mean:.1f}{'%' if pct else ''}" + (f" ± {scale * std:.1f}" if row["seeds"] > 1 else "")
 
