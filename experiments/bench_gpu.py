@@ -50,7 +50,7 @@ from fedsec.attacks import ATTACKS  # noqa: E402
 from fedsec.attacks.badpromptfl import BadPromptFL  # noqa: E402
 from fedsec.config import RunConfig  # noqa: E402
 from fedsec.models.factory import FrozenCLIP, create_clip  # noqa: E402
-from fedsec.models.prompt import PromptCLIP, PromptLearner  # noqa: E402
+from fedsec.models.prompt import PromptCLIP, prompt_model  # noqa: E402
 from fedsec.training import LocalData, train_on_features  # noqa: E402
 
 CLASSNAMES = [f"class {i}" for i in range(1000)]
@@ -71,8 +71,7 @@ def built(model: str, classes: int, n_ctx: int, device: str) -> tuple[FrozenCLIP
     """The frozen CLIP (random weights) and a CoOp prompt model, once per process."""
     torch.manual_seed(0)
     clip = create_clip(model, "none", device)
-    learner = PromptLearner(clip.model, clip.tokenizer, CLASSNAMES[:classes], n_ctx, "", "end", False, seed=0)
-    return clip, PromptCLIP(clip, learner.to(device))
+    return clip, prompt_model(clip, CLASSNAMES[:classes], n_ctx, "", "end", False, seed=0)
 
 
 def client_images(spec: dict, partition: int) -> tuple[torch.Tensor, torch.Tensor]:

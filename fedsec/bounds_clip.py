@@ -8,7 +8,10 @@ optimisation) is :mod:`fedsec.activation_bounds` and works on any
 ``torch.nn.Module``; the Flower wrapper that calls a learner after every
 aggregation and sends its bounds is :mod:`strategies.bounds_wrapper`
 (:mod:`strategies.activation_bound` puts the three together for fedsec's
-ServerApp).
+ServerApp). The client's side is here too: the bounds a server message carries
+(:func:`bounds_from_content`), whether a client trains under them
+(:func:`training_bounds`) and its frozen features re-encoded under them
+(:func:`local_data_under_bounds`).
 
 Importing this module loads neither torch nor open_clip: they are imported on
 the first call.
@@ -24,7 +27,12 @@ import numpy as np
 from flwr.common.logger import log
 
 if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+    from fedsec.activation_bounds import ActivationBounds
     from fedsec.config import RunConfig
+    from fedsec.models.factory import FrozenCLIP
+    from fedsec.training import LocalData
 
 
 class BoundLearner:
@@ -111,7 +119,7 @@ class BoundLearner:
         import torch
 
         from fedsec.metrics import predict
-        from fedsec.node import set_ctx
+        from fedsec.models.prompt import set_ctx
 
         state = self.state
         if self.reference is None:
@@ -130,7 +138,7 @@ class BoundLearner:
         import torch
 
         from fedsec.activation_bounds import optimize_bounds
-        from fedsec.node import set_ctx
+        from fedsec.models.prompt import set_ctx
 
         if not self.state:
             self._setup()
@@ -168,3 +176,80 @@ class BoundLearner:
             trim=float(cfg.get("bounds-trim")),
         )
         return state["bounds"].to_arrays(), {**stats, **extra}
+
+
+# ----------------------------------------------------------------------------- the client's side
+#: key -> (bounds digest, data with features under those bounds); one entry per partition.
+_BOUNDED_DATA: dict[tuple, tuple[str, LocalData]] = {}
+
+
+def bounds_from_content(content: RecordDict) -> ActivationBounds | None:
+    """The activation bounds a server message carries beside ``ctx`` (record ``"bounds"``), or ``None``.
+
+    Parameters
+    ----------
+    content : flwr.app.RecordDict
+        The received message's content.
+
+    Returns
+    -------
+    ActivationBounds or None
+        The bounds (on the CPU), ``None`` when the message has none.
+    """
+    if "bounds" not in content:
+        return None
+    from fedsec.activation_bounds import ActivationBounds
+
+    return ActivationBounds.from_arrays({k: v.numpy() for k, v in content["bounds"].items()})
+
+
+def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> ActivationBounds | None:
+    """The bounds a client trains under: the received ones, or ``None`` with ``bounds-client-training = false``.
+
+    The bounds always apply at evaluation and inference; training under them
+    restricts the features to what the global model used when they were
+    learned, which slows the learning of everything else.
+    """
+    if bounds is None or bool(cfg.get("bounds-client-training")):
+        return bounds
+    return None
+
+
+def local_data_under_bounds(
+    data: LocalData, clip: FrozenCLIP, bounds: ActivationBounds | None, key: tuple
+) -> LocalData:
+    """``data`` with its frozen features recomputed under activation ``bounds`` (cached per key and bounds).
+
+    The features are encoded once per new set of bounds (the server sends new
+    ones each round), never per step; ``None`` returns ``data`` unchanged.
+
+    Parameters
+    ----------
+    data : LocalData
+        The client's data with its unclamped features.
+    clip : FrozenCLIP
+        The frozen model the clamps hook into.
+    bounds : ActivationBounds or None
+        The bounds to encode under.
+    key : tuple
+        Which data this is (e.g. ``(partition_id, num_partitions)``): one cache entry per key.
+
+    Returns
+    -------
+    LocalData
+        ``data`` itself, or the same images and labels with the clamped features.
+    """
+    if bounds is None:
+        return data
+    from fedsec.activation_bounds import bounded
+    from fedsec.training import LocalData
+
+    digest = bounds.digest()
+    hit = _BOUNDED_DATA.get(key)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    with bounded(clip.model, bounds):
+        features = clip.encode_images_batched(data.images)
+    out = LocalData(data.images, data.labels, features)
+    _BOUNDED_DATA[key] = (digest, out)
+    return out

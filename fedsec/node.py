@@ -1,318 +1,46 @@
-"""Per-process state shared by a node's messages: the model, prompt learner and local data.
+"""A node's helpers under one name, re-exported from the modules that own them.
 
-A simulation actor runs many messages in one process: everything here is built
-once per process (``lru_cache``) and reused, so the frozen CLIP loads once and a
-client's image features are encoded once. A deployment runs every ClientApp
-message in a fresh ``flwr-clientapp`` process (Flower 1.41), where these caches
-start empty: a client's k-shot data with its frozen features, and the parsed
-dataset split it is drawn from, are therefore also kept on disk
-(:mod:`fedsec.diskcache`, keyed by everything that determines them), so a
-process after the first skips the dataset, the partitioner and the encoding;
-the frozen CLIP of a local checkpoint comes from the same cache in a fast
-format (:mod:`fedsec.models.fastload`).
+Kept so ``from fedsec.node import ...`` (the ClientApp, the ServerApp's
+evaluation, the experiment scripts) goes on working; new code may import from
+the owners directly:
+
+- :mod:`fedsec.caches`: the per-process frozen CLIP, prompt models and local
+  data, and the disk-cache keys behind them (:func:`clip_for`,
+  :func:`prompt_model_for`, :func:`local_data_for`, :func:`train_pool`,
+  :func:`test_features`, :func:`model_cache_identity`);
+- :mod:`fedsec.models.prompt`: the prompt model's builder and its learned
+  ``ctx`` in and out (:func:`set_ctx`, :func:`get_ctx`);
+- :mod:`fedsec.bounds_clip`: the client's side of the activation bounds
+  (:func:`bounds_from_content`, :func:`training_bounds`,
+  :func:`local_data_under_bounds`);
+- :mod:`fedsec.training`: :func:`seed_everything`.
 """
 
 from __future__ import annotations
 
-import hashlib
-from functools import lru_cache
-from pathlib import Path
+from fedsec.bounds_clip import bounds_from_content, local_data_under_bounds, training_bounds
+from fedsec.caches import (
+    clip_for,
+    local_data_for,
+    model_cache_identity,
+    prompt_model_for,
+    test_features,
+    train_pool,
+)
+from fedsec.models.prompt import get_ctx, set_ctx
+from fedsec.training import seed_everything
 
-import numpy as np
-import torch
-
-from fedsec import diskcache
-from fedsec.activation_bounds import ActivationBounds, bounded
-from fedsec.config import RunConfig
-from fedsec.data import ImageDataset, client_indices, k_shot_indices, load_dataset, prepare_images
-from fedsec.data.datasets import source_fingerprint
-from fedsec.models.factory import FrozenCLIP, pick_device
-from fedsec.models.fastload import cached_clip
-from fedsec.models.prompt import PromptCLIP, PromptLearner
-from fedsec.training import LocalData
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's generators."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def clip_for(cfg: RunConfig) -> FrozenCLIP:
-    """The frozen CLIP of this run (one per process)."""
-    return cached_clip(cfg.model, cfg.pretrained, pick_device(cfg.device))
-
-
-def prompt_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
-    """A prompt classifier for ``classnames`` (one per process and prompt layout)."""
-    return _prompt_model(
-        cfg.model,
-        cfg.pretrained,
-        pick_device(cfg.device),
-        classnames,
-        cfg.n_ctx,
-        cfg.ctx_init,
-        cfg.class_token_position,
-        cfg.class_specific,
-        cfg.seed,
-    )
-
-
-@lru_cache(maxsize=4)
-def _prompt_model(model, pretrained, device, classnames, n_ctx, ctx_init, position, csc, seed) -> PromptCLIP:
-    clip = cached_clip(model, pretrained, device)
-    learner = PromptLearner(clip.model, clip.tokenizer, list(classnames), n_ctx, ctx_init, position, csc, seed)
-    return PromptCLIP(clip, learner.to(device))
-
-
-def local_data_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[LocalData, list[str]]:
-    """This client's partition with its frozen features (cached per process)."""
-    return _local_data(
-        cfg.dataset,
-        cfg.data_root,
-        cfg.partitioner,
-        cfg.dirichlet_alpha,
-        cfg.classes_per_client,
-        cfg.k_shot,
-        cfg.seed,
-        partition_id,
-        num_partitions,
-        cfg.model,
-        cfg.pretrained,
-        pick_device(cfg.device),
-    )
-
-
-@lru_cache(maxsize=64)
-def _local_data(dataset, root, partitioner, alpha, cpc, k_shot, seed, pid, n, model, pretrained, device):
-    clip = cached_clip(model, pretrained, device)
-
-    def build() -> dict:
-        pool = train_pool(dataset, root)
-        idx = client_indices(pool.labels, pid, n, partitioner, seed, alpha, cpc)
-        idx = k_shot_indices(pool.labels, idx, k_shot, seed + 1000 * (pid + 1))
-        part = pool.subset(idx)
-        features = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
-        labels = torch.from_numpy(part.labels)
-        return {
-            "images": part.images,
-            "labels": labels,
-            "features": features,
-            "classnames": list(part.classnames),
-            "fit": part.fit,
-        }
-
-    key = None
-    if model_cache_identity(clip) is not None:
-        key = {
-            "kind": "local-data",
-            "dataset": dataset,
-            "split": "train",
-            "source": source_fingerprint(dataset, root),
-            "partitioner": partitioner,
-            "dirichlet_alpha": alpha,
-            "classes_per_client": cpc,
-            "k_shot": k_shot,
-            "seed": seed,
-            "partition_id": pid,
-            "num_partitions": n,
-            "model": model_cache_identity(clip),
-            "device": str(device),
-            "code": _code_digest(),
-            "versions": _versions(),
-        }
-    payload = diskcache.cached("local-data", key, build, _valid_local_data)
-    images = prepare_images(payload["images"], clip.image_size, payload["fit"])
-    return LocalData(images, payload["labels"], payload["features"]), list(payload["classnames"])
-
-
-def test_features(clip: FrozenCLIP, dataset: str, root: str, indices: np.ndarray | None, images: torch.Tensor):
-    """Frozen image features of (a subset of) the ``test`` split, kept in the disk cache.
-
-    The server's evaluation encodes the same test images in every run of a sweep; with
-    the cache only the first run pays for it. ``indices`` is the evaluated subset
-    (``None``: the whole split); ``images`` are those images, prepared for the model.
-    """
-
-    def build() -> dict:
-        return {"features": clip.encode_images_batched(images)}
-
-    key = None
-    if model_cache_identity(clip) is not None:
-        sub = "all" if indices is None else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()
-        key = {
-            "kind": "test-features",
-            "dataset": dataset,
-            "split": "test",
-            "source": source_fingerprint(dataset, root),
-            "subset": sub,
-            "n": len(images),
-            "model": model_cache_identity(clip),
-            "device": str(clip.device),
-            "code": _code_digest(),
-            "versions": _versions(),
-        }
-
-    def valid(p: dict) -> bool:
-        f = p.get("features")
-        return isinstance(f, torch.Tensor) and f.ndim == 2 and len(f) == len(images)
-
-    return diskcache.cached("test-features", key, build, valid)["features"]
-
-
-def _valid_local_data(p: dict) -> bool:
-    """Structural check of a cached local-data payload."""
-    tensors = [p.get(k) for k in ("images", "labels", "features")]
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return False
-    images, labels, features = tensors
-    names = p.get("classnames")
-    return (
-        images.dtype == torch.uint8
-        and images.ndim == 4
-        and labels.dtype == torch.int64
-        and labels.ndim == 1
-        and features.ndim == 2
-        and len(images) == len(labels) == len(features)
-        and isinstance(names, list)
-        and all(isinstance(c, str) for c in names)
-        and p.get("fit") in ("pad", "resize")
-    )
-
-
-def model_cache_identity(clip: FrozenCLIP) -> dict | None:
-    """What identifies the frozen model's weights for the disk cache; ``None`` for random weights.
-
-    A checkpoint file counts by its SHA-256 (not its path), a hub tag by name (with
-    the open_clip version in :func:`_versions`); random weights (``pretrained="none"``)
-    differ between processes and are never cached.
-    """
-    if clip.pretrained in ("", "none"):
-        return None
-    ident = clip.identity()
-    if ident["checkpoint_sha256"]:
-        ident.pop("checkpoint")
-    return ident
-
-
-@lru_cache(maxsize=8)
-def train_pool(dataset: str, root: str) -> ImageDataset:
-    """The ``train`` split of ``dataset`` (the clients' pool), parsed once and kept on disk."""
-
-    def build() -> dict:
-        pool = load_dataset(dataset, "train", root)
-        return {
-            "images": pool.images,
-            "labels": torch.from_numpy(pool.labels),
-            "classnames": list(pool.classnames),
-            "fit": pool.fit,
-            "name": pool.name,
-        }
-
-    key = {
-        "kind": "dataset",
-        "dataset": dataset,
-        "split": "train",
-        "source": source_fingerprint(dataset, root),
-        "code": _code_digest(),
-        "versions": _versions(),
-    }
-    p = diskcache.cached("dataset", key, build, _valid_pool)
-    return ImageDataset(p["name"], "train", p["images"], p["labels"].numpy(), list(p["classnames"]), p["fit"])
-
-
-def _valid_pool(p: dict) -> bool:
-    """Structural check of a cached dataset payload."""
-    images, labels = p.get("images"), p.get("labels")
-    return (
-        isinstance(images, torch.Tensor)
-        and isinstance(labels, torch.Tensor)
-        and images.dtype == torch.uint8
-        and len(images) == len(labels)
-        and isinstance(p.get("classnames"), list)
-        and p.get("fit") in ("pad", "resize")
-        and isinstance(p.get("name"), str)
-    )
-
-
-@lru_cache(maxsize=1)
-def _code_digest() -> str:
-    """SHA-256 of the source files that compute the cached values (data loading, partitions, encoding)."""
-    here = Path(__file__).resolve().parent
-    files = [here / "data" / f for f in ("datasets.py", "partition.py", "transforms.py")]
-    return diskcache.file_digest([*files, here / "models" / "factory.py"])
-
-
-@lru_cache(maxsize=1)
-def _versions() -> dict:
-    """Versions of the libraries behind the cached values."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"torch": torch.__version__, "numpy": np.__version__}
-    for dist in ("open_clip_torch", "flwr-datasets", "datasets"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = ""
-    return out
-
-
-#: key -> (bounds digest, data with features under those bounds); one entry per partition.
-_BOUNDED_DATA: dict[tuple, tuple[str, LocalData]] = {}
-
-
-def local_data_under_bounds(
-    data: LocalData, clip: FrozenCLIP, bounds: ActivationBounds | None, key: tuple
-) -> LocalData:
-    """``data`` with its frozen features recomputed under activation ``bounds`` (cached per key and bounds).
-
-    The features are encoded once per new set of bounds (the server sends new
-    ones each round), never per step; ``None`` returns ``data`` unchanged.
-    """
-    if bounds is None:
-        return data
-    digest = bounds.digest()
-    hit = _BOUNDED_DATA.get(key)
-    if hit is not None and hit[0] == digest:
-        return hit[1]
-    with bounded(clip.model, bounds):
-        features = clip.encode_images_batched(data.images)
-    out = LocalData(data.images, data.labels, features)
-    _BOUNDED_DATA[key] = (digest, out)
-    return out
-
-
-def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> ActivationBounds | None:
-    """The bounds a client trains under: the received ones, or ``None`` with ``bounds-client-training = false``.
-
-    The bounds always apply at evaluation and inference; training under them
-    restricts the features to what the global model used when they were
-    learned, which slows the learning of everything else.
-    """
-    if bounds is None or bool(cfg.get("bounds-client-training")):
-        return bounds
-    return None
-
-
-def bounds_from_content(content) -> ActivationBounds | None:
-    """The activation bounds a server message carries beside ``ctx`` (record ``"bounds"``), or ``None``."""
-    if "bounds" not in content:
-        return None
-    return ActivationBounds.from_arrays({k: v.numpy() for k, v in content["bounds"].items()})
-
-
-def set_ctx(model: PromptCLIP, ctx: np.ndarray) -> None:
-    """Load a received ``ctx`` into the prompt learner (shape-checked)."""
-    p = model.prompt_learner.ctx
-    if tuple(ctx.shape) != tuple(p.shape):
-        raise ValueError(f"received ctx of shape {tuple(ctx.shape)}, expected {tuple(p.shape)}")
-    with torch.no_grad():
-        p.copy_(torch.from_numpy(np.asarray(ctx, dtype=np.float32)))
-
-
-def get_ctx(model: PromptCLIP) -> np.ndarray:
-    """The current ``ctx`` as a numpy array."""
-    return model.prompt_learner.ctx.detach().cpu().numpy().copy()
+__all__ = [
+    "bounds_from_content",
+    "clip_for",
+    "get_ctx",
+    "local_data_for",
+    "local_data_under_bounds",
+    "model_cache_identity",
+    "prompt_model_for",
+    "seed_everything",
+    "set_ctx",
+    "test_features",
+    "train_pool",
+    "training_bounds",
+]

@@ -119,7 +119,7 @@ def validate(
     """
     from fedsec.metrics import accuracy, predict
     from fedsec.metrics import zero_shot_accuracy as zs_acc
-    from fedsec.models.prompt import PromptCLIP, PromptLearner
+    from fedsec.models.prompt import prompt_model
     from fedsec.training import train_on_features
 
     with torch.random.fork_rng():
@@ -128,8 +128,7 @@ def validate(
         rest = np.setdiff1d(np.arange(len(labels)), shots)
         y = torch.from_numpy(labels)
         zs = zs_acc(clip, classnames, feats[rest], y[rest], "a photo of a {}.")
-        learner = PromptLearner(clip.model, clip.tokenizer, list(classnames), 4, "a photo of a", "end", False, seed)
-        model = PromptCLIP(clip, learner)
+        model = prompt_model(clip, classnames, 4, "a photo of a", "end", False, seed)
         train_on_features(model, feats[shots], y[shots], steps, 32, 0.002, 0.9, 0.0, seed)
         coop = accuracy(predict(model, feats[rest]), y[rest])
     return {"val_zero_shot": zs, "val_coop_shared": coop}

@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from fedsec.models.prompt import PromptCLIP
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
 @dataclass
 class LocalData:
     """A client's local data, prepared once per process.

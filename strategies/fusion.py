@@ -106,21 +106,11 @@ class ServerFusion(StrategyWrapper):
 
 def synthetic_prompt_model(cfg, synthetic) -> tuple:
     """A server-side prompt classifier over the synthetic set's classes and the set's frozen features."""
-    from fedsec.models.prompt import PromptCLIP, PromptLearner
-    from fedsec.node import clip_for
+    from fedsec.caches import clip_for
+    from fedsec.models.prompt import build_prompt_model
 
     clip = clip_for(cfg)
-    learner = PromptLearner(
-        clip.model,
-        clip.tokenizer,
-        list(synthetic.classnames),
-        cfg.n_ctx,
-        cfg.ctx_init,
-        cfg.class_token_position,
-        cfg.class_specific,
-        cfg.seed,
-    )
-    return clip, PromptCLIP(clip, learner.to(clip.device))
+    return clip, build_prompt_model(cfg, clip, synthetic.classnames)
 
 
 @register_wrapper(

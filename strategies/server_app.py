@@ -182,7 +182,7 @@ def server_root_update(cfg: RunConfig):
         import torch
 
         from fedsec.data import k_shot_indices, load_dataset, prepare_images
-        from fedsec.models.prompt import PromptCLIP, PromptLearner
+        from fedsec.models.prompt import build_prompt_model
         from fedsec.node import clip_for, get_ctx, set_ctx
         from fedsec.training import train_on_features
 
@@ -192,17 +192,7 @@ def server_root_update(cfg: RunConfig):
             shots = int(cfg.get("fltrust-root-shots"))
             idx = k_shot_indices(pool.labels, np.arange(len(pool)), shots, cfg.seed + 99_991)
             part = pool.subset(idx)
-            learner = PromptLearner(
-                clip.model,
-                clip.tokenizer,
-                list(part.classnames),
-                cfg.n_ctx,
-                cfg.ctx_init,
-                cfg.class_token_position,
-                cfg.class_specific,
-                cfg.seed,
-            )
-            state["model"] = PromptCLIP(clip, learner.to(clip.device))
+            state["model"] = build_prompt_model(cfg, clip, part.classnames)
             state["features"] = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
             state["labels"] = torch.from_numpy(part.labels)
             state.setdefault("calls", 0)

@@ -1,4 +1,4 @@
-"""The on-disk cache (``fedsec.diskcache``) and the client data kept in it (``fedsec.node``)."""
+"""The on-disk cache (``fedsec.diskcache``) and the client data kept in it (``fedsec.caches``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsec import diskcache, node
+from fedsec import caches, diskcache
 from fedsec.config import RunConfig
 from fedsec.data.datasets import source_fingerprint
 from fedsec.diskcache import MAGIC, DiskCache, cached, key_digest
@@ -175,7 +175,7 @@ def test_env_sets_the_folder_and_turns_the_cache_off(tmp_path, monkeypatch):
     assert diskcache.default_cache() is None
 
 
-# --- the client data in fedsec.node --------------------------------------------------------------
+# --- the client data in fedsec.caches ------------------------------------------------------------
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -195,11 +195,11 @@ def fake_fmnist(tmp_path, monkeypatch):
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     monkeypatch.setenv("FEDSEC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("FEDSEC_DISK_CACHE", raising=False)
-    node._local_data.cache_clear()
-    node.train_pool.cache_clear()
+    caches._local_data.cache_clear()
+    caches.train_pool.cache_clear()
     yield root, tmp_path / "cache"
-    node._local_data.cache_clear()
-    node.train_pool.cache_clear()
+    caches._local_data.cache_clear()
+    caches.train_pool.cache_clear()
 
 
 def _cfg(root: Path, **changes) -> RunConfig:
@@ -222,17 +222,17 @@ def test_local_data_from_disk_equals_freshly_built(fake_fmnist, monkeypatch):
     root, cache_dir = fake_fmnist
     cfg = _cfg(root)
     monkeypatch.setenv("FEDSEC_DISK_CACHE", "0")
-    reference = node.local_data_for(cfg, 1, 2)
-    node._local_data.cache_clear()
-    node.train_pool.cache_clear()
+    reference = caches.local_data_for(cfg, 1, 2)
+    caches._local_data.cache_clear()
+    caches.train_pool.cache_clear()
     monkeypatch.setenv("FEDSEC_DISK_CACHE", "1")
     # Execute
-    miss = node.local_data_for(cfg, 1, 2)
-    node._local_data.cache_clear()  # a fresh process: the in-process caches are empty
-    node.train_pool.cache_clear()
-    monkeypatch.setattr(node, "client_indices", lambda *a, **k: pytest.fail("a hit must not partition again"))
-    monkeypatch.setattr(node, "load_dataset", lambda *a, **k: pytest.fail("a hit must not load the dataset"))
-    hit = node.local_data_for(cfg, 1, 2)
+    miss = caches.local_data_for(cfg, 1, 2)
+    caches._local_data.cache_clear()  # a fresh process: the in-process caches are empty
+    caches.train_pool.cache_clear()
+    monkeypatch.setattr(caches, "client_indices", lambda *a, **k: pytest.fail("a hit must not partition again"))
+    monkeypatch.setattr(caches, "load_dataset", lambda *a, **k: pytest.fail("a hit must not load the dataset"))
+    hit = caches.local_data_for(cfg, 1, 2)
     # Assert
     assert _equal(reference, miss) and _equal(reference, hit)
     assert len(list((cache_dir / "local-data").glob("*.pt"))) == 1
@@ -243,11 +243,11 @@ def test_local_data_key_changes_with_partition_k_shot_and_seed(fake_fmnist):
     # Prepare
     root, cache_dir = fake_fmnist
     # Execute
-    node.local_data_for(_cfg(root), 0, 2)
-    node.local_data_for(_cfg(root), 1, 2)
-    node.local_data_for(_cfg(root, **{"k-shot": 2}), 0, 2)
-    node.local_data_for(_cfg(root, seed=3), 0, 2)
-    node.local_data_for(_cfg(root), 0, 2)  # the first again: no new file
+    caches.local_data_for(_cfg(root), 0, 2)
+    caches.local_data_for(_cfg(root), 1, 2)
+    caches.local_data_for(_cfg(root, **{"k-shot": 2}), 0, 2)
+    caches.local_data_for(_cfg(root, seed=3), 0, 2)
+    caches.local_data_for(_cfg(root), 0, 2)  # the first again: no new file
     # Assert
     assert len(list((cache_dir / "local-data").glob("*.pt"))) == 4
     assert len(list((cache_dir / "dataset").glob("*.pt"))) == 1  # one parsed pool for all of them
@@ -257,14 +257,14 @@ def test_changed_dataset_file_invalidates(fake_fmnist):
     # Prepare
     root, cache_dir = fake_fmnist
     before = source_fingerprint("fashion-mnist", str(root))
-    node.local_data_for(_cfg(root), 0, 2)
-    node._local_data.cache_clear()
-    node.train_pool.cache_clear()
+    caches.local_data_for(_cfg(root), 0, 2)
+    caches._local_data.cache_clear()
+    caches.train_pool.cache_clear()
     rng = np.random.default_rng(1)
     _write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (40, 28, 28)) // 2 + 1)
     # Execute
     after = source_fingerprint("fashion-mnist", str(root))
-    node.local_data_for(_cfg(root), 0, 2)
+    caches.local_data_for(_cfg(root), 0, 2)
     # Assert
     assert before != after
     assert len(list((cache_dir / "local-data").glob("*.pt"))) == 2
@@ -275,7 +275,7 @@ def test_random_weights_are_never_cached(fake_fmnist):
     # Prepare
     root, cache_dir = fake_fmnist
     # Execute
-    data, _ = node.local_data_for(_cfg(root, pretrained="none"), 0, 2)
+    data, _ = caches.local_data_for(_cfg(root, pretrained="none"), 0, 2)
     # Assert
     assert len(data) > 0
     assert not (cache_dir / "local-data").exists()
@@ -284,14 +284,14 @@ def test_random_weights_are_never_cached(fake_fmnist):
 def test_evaluation_test_features_come_from_disk_in_the_next_run(fake_fmnist, monkeypatch):
     # Prepare: the embedded model, the fake test split's 10 images, a subset of 6 of them
     root, cache_dir = fake_fmnist
-    clip = node.clip_for(_cfg(root))
+    clip = caches.clip_for(_cfg(root))
     images = torch.rand(10, 3, clip.image_size, clip.image_size)
     subset = np.array([0, 2, 3, 5, 7, 9])
     # Execute: a miss encodes and stores; then a hit (encoding would fail) and a different subset (a miss)
-    first = node.test_features(clip, "fashion-mnist", str(root), None, images)
-    other = node.test_features(clip, "fashion-mnist", str(root), subset, images[subset])
+    first = caches.test_features(clip, "fashion-mnist", str(root), None, images)
+    other = caches.test_features(clip, "fashion-mnist", str(root), subset, images[subset])
     monkeypatch.setattr(clip, "encode_images_batched", lambda x: pytest.fail("a hit must not encode"))
-    again = node.test_features(clip, "fashion-mnist", str(root), None, images)
+    again = caches.test_features(clip, "fashion-mnist", str(root), None, images)
     # Assert
     assert torch.equal(first, again) and first.shape[0] == 10 and other.shape[0] == 6
     assert len(list((cache_dir / "test-features").glob("*.pt"))) == 2

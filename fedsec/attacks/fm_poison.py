@@ -31,7 +31,7 @@ from flwr.common.logger import log
 
 from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
 from fedsec.attacks.poisoning import checkerboard, poison_indices
-from fedsec.models.prompt import PromptCLIP, PromptLearner
+from fedsec.models.prompt import build_prompt_model
 from fedsec.registry import Param, Registry
 from fedsec.triggers import BlendTrigger, PatchTrigger, trigger_from_dict
 
@@ -101,17 +101,8 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     if path.exists():
         return trigger_from_dict(torch.load(path, weights_only=False))
     names = load_dataset(cfg.dataset, "test", cfg.data_root).classnames  # the FM is prompted with them
-    surrogate = PromptLearner(
-        clip.model,
-        clip.tokenizer,
-        list(names),
-        cfg.n_ctx,
-        cfg.ctx_init,
-        cfg.class_token_position,
-        cfg.class_specific,
-        cfg.seed,
-    )
-    model = PromptCLIP(clip, surrogate)
+    model = build_prompt_model(cfg, clip, names)
+    surrogate = model.prompt_learner
     trigger = PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), seed=seed)
     opt = torch.optim.Adam([*trigger.parameters(), surrogate.ctx], lr=lr)
     gen = torch.Generator().manual_seed(seed)

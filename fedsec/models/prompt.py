@@ -4,14 +4,23 @@
 token *embeddings*, so learned context vectors can stand in for words.
 :class:`PromptLearner` owns the only trainable tensor, ``ctx``; the frozen
 prefix (start token) and suffix (class name, ".", end token, padding)
-embeddings are buffers.
+embeddings are buffers. :func:`prompt_model` (or :func:`build_prompt_model`,
+from a run config) is the one builder of a prompt classifier;
+:func:`set_ctx` and :func:`get_ctx` move its learned ``ctx`` in and out as numpy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedsec.config import RunConfig
 
 POSITIONS = ("end", "middle", "front")
 
@@ -197,3 +206,100 @@ class PromptCLIP(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for ``[0, 1]`` images (gradients flow to ``images`` and ``ctx``)."""
         return self.logits_from_features(self.clip.encode_images(images))
+
+
+def prompt_model(
+    clip,
+    classnames: Sequence[str],
+    n_ctx: int = 4,
+    ctx_init: str = "a photo of a",
+    class_token_position: str = "end",
+    class_specific: bool = False,
+    seed: int = 0,
+) -> PromptCLIP:
+    """A fresh prompt classifier for ``classnames`` on ``clip``, with the prompt layout said explicitly.
+
+    The one place a :class:`PromptLearner` is built; :func:`build_prompt_model`
+    reads the layout from a run config.
+
+    Parameters
+    ----------
+    clip : fedsec.models.factory.FrozenCLIP
+        Frozen model bundle; the learner goes to its device.
+    classnames : sequence of str
+        Class names, in label order.
+    n_ctx, ctx_init, class_token_position, class_specific, seed
+        The prompt layout, as in :class:`PromptLearner`.
+
+    Returns
+    -------
+    PromptCLIP
+        A new model (nothing is cached here: see ``fedsec.caches.prompt_model_for``).
+    """
+    learner = PromptLearner(
+        clip.model,
+        clip.tokenizer,
+        list(classnames),
+        n_ctx,
+        ctx_init,
+        class_token_position,
+        class_specific,
+        seed,
+    )
+    return PromptCLIP(clip, learner.to(clip.device))
+
+
+def prompt_layout(cfg: RunConfig) -> tuple[int, str, str, bool, int]:
+    """The run's prompt layout: ``(n_ctx, ctx_init, class_token_position, class_specific, seed)``.
+
+    The positional arguments of :func:`prompt_model` after the class names, read
+    from ``n-ctx``, ``ctx-init``, ``class-token-position``, ``class-specific`` and ``seed``.
+    """
+    return cfg.n_ctx, cfg.ctx_init, cfg.class_token_position, cfg.class_specific, cfg.seed
+
+
+def build_prompt_model(cfg: RunConfig, clip, classnames: Sequence[str]) -> PromptCLIP:
+    """A fresh prompt classifier for ``classnames`` with the run's prompt layout.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Reads the prompt layout (:func:`prompt_layout`).
+    clip : fedsec.models.factory.FrozenCLIP
+        Frozen model bundle.
+    classnames : sequence of str
+        Class names, in label order.
+
+    Returns
+    -------
+    PromptCLIP
+        A new model, see :func:`prompt_model`.
+    """
+    return prompt_model(clip, classnames, *prompt_layout(cfg))
+
+
+def set_ctx(model: PromptCLIP, ctx: np.ndarray) -> None:
+    """Load a received ``ctx`` into the prompt learner (shape-checked).
+
+    Parameters
+    ----------
+    model : PromptCLIP
+        The model whose ``prompt_learner.ctx`` is overwritten in place.
+    ctx : np.ndarray
+        The new context, of the learner's shape.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ.
+    """
+    p = model.prompt_learner.ctx
+    if tuple(ctx.shape) != tuple(p.shape):
+        raise ValueError(f"received ctx of shape {tuple(ctx.shape)}, expected {tuple(p.shape)}")
+    with torch.no_grad():
+        p.copy_(torch.from_numpy(np.asarray(ctx, dtype=np.float32)))
+
+
+def get_ctx(model: PromptCLIP) -> np.ndarray:
+    """The current ``ctx`` of ``model`` as a new numpy array."""
+    return model.prompt_learner.ctx.detach().cpu().numpy().copy()
