@@ -57,15 +57,14 @@ def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, n
     return json.loads((out / "result.json").read_text()), arrays, wall
 
 
-def test_the_simulation_completes_its_rounds_in_time(cnn_run):
+def test_the_simulation_completes_its_rounds(cnn_run):
     # Prepare / Execute: the module's one run
-    result, _, wall = cnn_run
+    result, _, _ = cnn_run
 
     # Assert: both rounds aggregated, each with every node's reply; the model learned the digits
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert all(r["replies"] == NUM_NODES for r in result["rounds"])
     assert result["central"]["2"]["accuracy"] > result["central"]["0"]["accuracy"] + 0.3
-    assert wall < 60.0  # 40 s budget on 2 idle cores; slack for a loaded machine
 
 
 def test_flame_reports_the_sign_flipping_partition_as_excluded(cnn_run):
