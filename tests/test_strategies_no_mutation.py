@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -52,8 +54,10 @@ def test_strategy_leaves_replies_untouched_and_exposes_detection_info(name, vali
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())
-def test_summary_runs_behind_validation(name, caplog):
-    # Prepare
+def test_summary_runs_behind_validation(name, caplog, monkeypatch):
+    # Prepare: caplog listens at the root logger; fedsec's model factory stops "flwr" propagating there
+    # (open_clip configures the root logger), so a model built earlier in this worker would hide the lines
+    monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)
     strategy = Validated(STRATEGIES.get(name)(make_sctx(name, 8, server_update=_server_update)))
 
     # Execute
