@@ -17,6 +17,9 @@ import torch
 
 from tests.conftest import ROOT
 
+# One simulation serves every test here: keep them on one xdist worker (--dist loadgroup), so it runs once.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("cnn-example")]
+
 NUM_NODES, NUM_ROUNDS = 4, 2
 
 
