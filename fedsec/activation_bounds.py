@@ -491,3 +491,23 @@ def optimize_bounds(
         "bound-shrink": float(np.mean(ratios)) if ratios else 1.0,
         "bound-steps": float(steps),
     }
+
+
+def bounds_from_content(content, bounds_key: str) -> ActivationBounds | None:
+    """The bounds a server message carries, or ``None``: the client's side of the wrapper's ``bounds_key``.
+
+    Parameters
+    ----------
+    content : flwr.app.RecordDict
+        The received message's content.
+    bounds_key : str
+        Name of the bounds' ``ArrayRecord`` (``strategies.bounds_wrapper.BoundsWrapper``'s ``bounds_key``).
+
+    Returns
+    -------
+    ActivationBounds or None
+        The bounds (on the CPU), ``None`` when the message has none.
+    """
+    if bounds_key not in content:
+        return None
+    return ActivationBounds.from_arrays({k: v.numpy() for k, v in content[bounds_key].items()})

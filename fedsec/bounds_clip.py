@@ -196,11 +196,9 @@ def bounds_from_content(content: RecordDict) -> ActivationBounds | None:
     ActivationBounds or None
         The bounds (on the CPU), ``None`` when the message has none.
     """
-    if "bounds" not in content:
-        return None
-    from fedsec.activation_bounds import ActivationBounds
+    from fedsec.activation_bounds import bounds_from_content as from_record
 
-    return ActivationBounds.from_arrays({k: v.numpy() for k, v in content["bounds"].items()})
+    return from_record(content, "bounds")
 
 
 def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> ActivationBounds | None:

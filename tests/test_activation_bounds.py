@@ -515,3 +515,21 @@ def test_bounds_wrapper_without_its_array_raises_one_clear_error():
         configure(wrapper, np.zeros(2, np.float32), [1])
     with pytest.raises(ValueError, match="non-empty sequence of array keys"):
         BoundsWrapper(_FedAvg(), lambda a, r: ({}, {}), array_keys="ctx", bounds_key="bounds")
+
+
+def test_bounds_travel_in_a_record_under_any_key_and_come_back():
+    # Prepare
+    import numpy as np
+    from flwr.app import RecordDict
+
+    from fedsec.activation_bounds import bounds_from_content
+    from strategies.bounds_wrapper import bounds_to_record
+
+    sent = {"conv1": np.array([[[1.0]], [[2.0]]], dtype=np.float32)}
+    content = RecordDict({"clamps": bounds_to_record(sent)})
+    # Execute
+    got = bounds_from_content(content, "clamps")
+    missing = bounds_from_content(content, "bounds")
+    # Assert
+    assert missing is None
+    assert {k: v.tolist() for k, v in got.to_arrays().items()} == {"conv1": [[[1.0]], [[2.0]]]}

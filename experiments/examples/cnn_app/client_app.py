@@ -30,7 +30,7 @@ from experiments.examples.cnn_app.task import (
     to_record,
     train,
 )
-from fedsec.activation_bounds import ActivationBounds
+from fedsec.activation_bounds import ActivationBounds, bounds_from_content
 
 app = ClientApp()
 
@@ -38,10 +38,7 @@ app = ClientApp()
 def _received(msg: Message) -> tuple[SmallCNN, ActivationBounds | None]:
     """The global CNN and the bounds (``None`` before the server learned any)."""
     model = load_arrays(SmallCNN(), {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()})
-    bounds = None
-    if BOUNDS_KEY in msg.content:
-        bounds = ActivationBounds.from_arrays({k: v.numpy() for k, v in msg.content[BOUNDS_KEY].items()})
-    return model, bounds
+    return model, bounds_from_content(msg.content, BOUNDS_KEY)
 
 
 def _partition(context: Context) -> tuple[int, int]:
