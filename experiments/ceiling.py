@@ -111,12 +111,18 @@ def run_cell(cfg: RunConfig, clients: int, store: Path) -> dict:
     return run_inprocess(cfg, clients, verbose=True, store=store, local_eval=False)
 
 
-def final_metrics(cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path) -> dict:
-    """Whole-test-set clean accuracy, ASR, both trigger baselines and the clean target rate."""
+def final_metrics(
+    cfg: RunConfig, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path, feats: torch.Tensor | None = None
+) -> dict:
+    """Whole-test-set clean accuracy, ASR, both trigger baselines and the clean target rate.
+
+    ``feats``: the test set's frozen features when the caller has them (the run encoded them already).
+    """
     clip = clip_for(cfg)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
     images = prepare_images(test.images, clip.image_size, test.fit)
-    feats = clip.encode_images_batched(images)
+    if feats is None:
+        feats = clip.encode_images_batched(images)
     model = prompt_model_for(cfg, tuple(test.classnames))
     set_ctx(model, ctx)
     out = {"clean_acc": accuracy(predict(model, feats), test.labels)}
@@ -256,7 +262,7 @@ def main() -> None:
             benign_cache[ref_key] = {"ctx": ref["final_ctx"], "acc": ref["final_acc"]}
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cell(cfg, clients, Path(tmp))
-            final = final_metrics(cfg, res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp))
+            final = final_metrics(cfg, res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp), res["test_features"])
         asrs = [a for a in res["asrs"][1:] if a is not None]
         row = {
             "cell": cell["name"],

@@ -129,6 +129,7 @@ def run_inprocess(
         "final_acc": accs[-1],
         "final_asr": asrs[-1],
         "final_ctx": ctx,
+        "test_features": feats,  # the frozen test-set features, for callers that evaluate further
         "wall_s": time.perf_counter() - t0,
         "client_s": t_clients,
         "round_s": round_s,
@@ -144,7 +145,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_mapping(parse_overrides(args.run_config))
     res = run_inprocess(cfg, args.num_clients)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("accs", "asrs", "round_s", "final_ctx")}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in res.items() if k not in ("accs", "asrs", "round_s", "final_ctx", "test_features")},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
