@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from fedsec.backdoor_clip import ATTACKS, load_checked, load_trigger, manifest_path
+from fedsec.config import RunConfig
 from fedsec.data import k_shot_indices, load_dataset, prepare_images
 from fedsec.metrics import accuracy, attack_success_rate
 from fedsec.models.captions import SYNONYMS
@@ -112,7 +113,9 @@ def main() -> None:
     """Evaluate every checkpoint found and write the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/backdoored", help="directory of the checkpoints")
-    ap.add_argument("--model", default="fedsec-tiny-clip", help="the clean embedded model")
+    ap.add_argument(
+        "--model", default=RunConfig.model, help="(default: the run config's default model) the clean embedded model"
+    )
     ap.add_argument("--split", default="test", choices=["test", "train"], help="test, or the clients' pool (val)")
     ap.add_argument("--samples", type=int, default=2000, help="evaluation images (seeded subset; 0: all)")
     ap.add_argument("--probe-per-class", type=int, default=100, help="clean clients' images per class for the probe")

@@ -35,6 +35,7 @@ import csv
 import json
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -151,6 +152,18 @@ def final_metrics(
     return out
 
 
+def save_artifacts(out: Path, name: str, ctx: np.ndarray, benign_ctx: np.ndarray, store: Path) -> None:
+    """What re-computes a cell's figures without fedsec's training code.
+
+    ``<name>.npz`` holds the final global context (``ctx``) and the no-attack twin's
+    (``benign_ctx``); ``<name>.attacker/`` the attackers' stored state (their trigger).
+    """
+    np.savez(out / f"{name}.npz", ctx=np.asarray(ctx), benign_ctx=np.asarray(benign_ctx))
+    attacker = store / "attacker"
+    if attacker.exists():
+        shutil.copytree(attacker, out / f"{name}.attacker", dirs_exist_ok=True)
+
+
 def runs_from_log(text: str) -> list[list[tuple[float, float | None]]]:
     """The per-round ``(clean_acc, asr)`` of each run in a cell's log (a run restarts at round 1).
 
@@ -263,6 +276,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cell(cfg, clients, Path(tmp))
             final = final_metrics(cfg, res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp), res["test_features"])
+            save_artifacts(out, cell["name"], res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp))
         asrs = [a for a in res["asrs"][1:] if a is not None]
         row = {
             "cell": cell["name"],
@@ -275,6 +289,8 @@ def main() -> None:
             "asr_per_round": asrs,
             "acc_per_round": res["accs"],
             "wall_s": time.perf_counter() - t0,
+            "checkpoint_sha256": clip_for(cfg).checkpoint_sha256,
+            "artifacts": [f"{cell['name']}.npz", f"{cell['name']}.attacker/"],
             "device": torch.cuda.get_device_name() if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
             "command": command(base, cell),
             **final,

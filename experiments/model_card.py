@@ -37,7 +37,9 @@ def card_path(model: str) -> Path:
 def main() -> None:
     """Measure the card and write it."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="fedsec-tiny-clip", help="embedded model name")
+    ap.add_argument(
+        "--model", default=RunConfig.model, help="(default: the run config's default model) embedded model name"
+    )
     args = ap.parse_args()
     cfg = RunConfig.from_mapping({"model": args.model, "pretrained": "embedded"})
     clip = clip_for(cfg)

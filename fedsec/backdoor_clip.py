@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsec.config import RunConfig
 from fedsec.models.factory import (
     FrozenCLIP,
     PretrainedUnavailable,
@@ -492,7 +493,11 @@ def cleanclip_extra_loss(aug_tokens: torch.Tensor, inmodal_weight: float = 1.0):
 
 
 def _common(ap: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> None:
-    ap.add_argument("--model", default="fedsec-tiny-clip", help="open_clip config of the checkpoint")
+    ap.add_argument(
+        "--model",
+        default=RunConfig.model,
+        help="(default: the run config's default model) open_clip config of the checkpoint",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory (checkpoint, manifest, trigger)")
     ap.add_argument("--record", default=str(RECORD_DIR), help="where manifest/trigger copies go ('' = none)")

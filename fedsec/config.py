@@ -130,12 +130,12 @@ class RunConfig:
     classes_per_client: int = 2
     k_shot: int = 16
     # model and prompt
-    model: str = "fedsec-tiny-clip"
+    model: str = "fedsec-tiny-clip-v2"
     pretrained: str = "embedded"
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     class_token_position: str = "end"
-    class_specific: bool = True
+    class_specific: bool = False
     prompt_template: str = "a photo of a {}."
     device: str = "auto"
     # local training

@@ -69,6 +69,7 @@ def pytest_collection_modifyitems(config, items):
     unit tests fill the gaps at the end instead of leaving one worker alone with
     a long run.
     """
+
     def rank(item) -> tuple[int, int]:
         if not item.get_closest_marker("e2e"):
             return (1, 0)

@@ -69,3 +69,23 @@ def test_command_reproduces_the_cell_and_bad_cells_are_named(tmp_path):
     assert 'model="fedsec-tiny-clip-v2"' in cmd and "class-specific=false" in cmd
     with pytest.raises(SystemExit, match="needs name and clients"):
         load_cells(bad)
+
+
+def test_cell_artifacts_hold_both_prompts_and_the_attackers_state(tmp_path):
+    # Prepare
+    import numpy as np
+
+    from experiments.ceiling import save_artifacts
+
+    store = tmp_path / "store"
+    (store / "attacker").mkdir(parents=True)
+    (store / "attacker" / "trigger.npz").write_bytes(b"trigger")
+    ctx, benign = np.arange(8.0).reshape(2, 4), -np.ones((2, 4))
+    # Execute
+    (tmp_path / "out").mkdir()
+    save_artifacts(tmp_path / "out", "cell", ctx, benign, store)
+    # Assert: the final and the no-attack prompts round-trip; the attackers' files are copied
+    saved = np.load(tmp_path / "out" / "cell.npz")
+    np.testing.assert_array_equal(saved["ctx"], ctx)
+    np.testing.assert_array_equal(saved["benign_ctx"], benign)
+    assert (tmp_path / "out" / "cell.attacker" / "trigger.npz").read_bytes() == b"trigger"

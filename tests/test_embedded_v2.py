@@ -105,6 +105,19 @@ def test_v2_manifest_matches_shipped_checkpoint():
     assert isinstance(manifest["seed"], int)
 
 
+def test_v2_is_the_default_and_v2_1ep_stays_selectable():
+    # Prepare
+    from fedsec.config import RunConfig
+
+    old = embedded_manifest("fedsec-tiny-clip-v2-1ep")
+    # Execute
+    digest = sha256_file(WEIGHTS_DIR / old["file"])
+    # Assert: the default is v2 with one shared context; v2's first checkpoint loads by its own name
+    assert RunConfig().model == V2 and RunConfig().class_specific is False
+    assert digest == old["sha256"] != embedded_manifest(V2)["sha256"]
+    assert create_clip("fedsec-tiny-clip-v2-1ep", "embedded").checkpoint_sha256 == old["sha256"]
+
+
 def test_v2_loads_by_name_and_differs_from_v1():
     # Prepare
     manifest = embedded_manifest(V2)
