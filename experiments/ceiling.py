@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import re
 import shlex
@@ -164,6 +165,45 @@ def save_artifacts(out: Path, name: str, ctx: np.ndarray, benign_ctx: np.ndarray
         shutil.copytree(attacker, out / f"{name}.attacker", dirs_exist_ok=True)
 
 
+class TwinCache:
+    """The no-attack twins of the cells, kept on disk so later grids reuse them.
+
+    A twin is keyed by its whole resolved config, the client count and the
+    checkpoint's SHA-256 (a changed model never hits an old twin); it holds the
+    final context (the benign-only prompt) and the final clean accuracy.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, cfg: RunConfig, clients: int) -> Path:
+        key = {**cfg.to_dict(), "clients": clients, "checkpoint_sha256": clip_for(cfg).checkpoint_sha256}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.root / f"{digest}.npz"
+
+    def get(self, cfg: RunConfig, clients: int) -> dict | None:
+        """The twin of ``cfg`` if it was run before, else ``None``."""
+        path = self._path(cfg, clients)
+        if not path.exists():
+            return None
+        with np.load(path) as z:
+            return {"ctx": z["ctx"], "acc": float(z["acc"])}
+
+    def put(self, cfg: RunConfig, clients: int, ctx: np.ndarray, acc: float) -> dict:
+        """Store a finished twin; returns it."""
+        path = self._path(cfg, clients)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, ctx=np.asarray(ctx), acc=np.float64(acc), config=json.dumps(cfg.to_dict(), default=str))
+        return {"ctx": np.asarray(ctx), "acc": float(acc)}
+
+    def adopt(self, cfg: RunConfig, clients: int, artifacts: Path, row: dict) -> None:
+        """Store the twin of a finished cell (its ``benign_ctx`` and ``no_attack_acc``) if missing."""
+        if artifacts.exists() and row.get("checkpoint_sha256") == clip_for(cfg).checkpoint_sha256:
+            if self.get(cfg, clients) is None:
+                with np.load(artifacts) as z:
+                    self.put(cfg, clients, z["benign_ctx"], row["no_attack_acc"])
+
+
 def runs_from_log(text: str) -> list[list[tuple[float, float | None]]]:
     """The per-round ``(clean_acc, asr)`` of each run in a cell's log (a run restarts at round 1).
 
@@ -240,6 +280,7 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a [base] run-config key (TOML value), e.g. --set device='cuda'",
     )
+    ap.add_argument("--twins", default="", help="folder of the no-attack twins (default: <out>/twins)")
     ap.add_argument(
         "--from-logs",
         metavar="DIR",
@@ -257,33 +298,34 @@ def main() -> None:
         base[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    benign_cache: dict[str, dict] = {}
+    twins = TwinCache(Path(args.twins) if args.twins else out / "twins")
     for cell in cells:
         if args.only and cell["name"] not in args.only:
             continue
         path = out / f"{cell['name']}.json"
-        if path.exists():
-            print(f"[ceiling] {cell['name']}: done, skipped", flush=True)
-            continue
         cfg, clients = cell_config(base, cell)
         ref_cfg, _ = cell_config(base, cell, attack=False)
-        ref_key = json.dumps({**ref_cfg.to_dict(), "clients": clients}, sort_keys=True, default=str)
+        if path.exists():
+            twins.adopt(ref_cfg, clients, out / f"{cell['name']}.npz", json.loads(path.read_text()))
+            print(f"[ceiling] {cell['name']}: done, skipped", flush=True)
+            continue
         t0 = time.perf_counter()
-        if ref_key not in benign_cache:
+        twin = twins.get(ref_cfg, clients)
+        if twin is None:
             with tempfile.TemporaryDirectory() as tmp:
                 ref = run_cell(ref_cfg, clients, Path(tmp))
-            benign_cache[ref_key] = {"ctx": ref["final_ctx"], "acc": ref["final_acc"]}
+            twin = twins.put(ref_cfg, clients, ref["final_ctx"], ref["final_acc"])
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cell(cfg, clients, Path(tmp))
-            final = final_metrics(cfg, res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp), res["test_features"])
-            save_artifacts(out, cell["name"], res["final_ctx"], benign_cache[ref_key]["ctx"], Path(tmp))
+            final = final_metrics(cfg, res["final_ctx"], twin["ctx"], Path(tmp), res["test_features"])
+            save_artifacts(out, cell["name"], res["final_ctx"], twin["ctx"], Path(tmp))
         asrs = [a for a in res["asrs"][1:] if a is not None]
         row = {
             "cell": cell["name"],
             "clients": clients,
             "malicious": cfg.num_malicious,
             "rounds": cfg.num_server_rounds,
-            "no_attack_acc": benign_cache[ref_key]["acc"],
+            "no_attack_acc": twin["acc"],
             "asr_min_last5": min(asrs[-5:]) if asrs else None,
             "asr_at": ", ".join(f"{r}: {100 * asrs[r - 1]:.1f}%" for r in (20, 50, 100) if r <= len(asrs)),
             "asr_per_round": asrs,

@@ -89,3 +89,21 @@ def test_cell_artifacts_hold_both_prompts_and_the_attackers_state(tmp_path):
     np.testing.assert_array_equal(saved["ctx"], ctx)
     np.testing.assert_array_equal(saved["benign_ctx"], benign)
     assert (tmp_path / "out" / "cell.attacker" / "trigger.npz").read_bytes() == b"trigger"
+
+
+def test_twin_cache_round_trips_and_keys_on_the_whole_config(tmp_path, monkeypatch):
+    # Prepare: a stand-in checkpoint hash (no model load)
+    import numpy as np
+
+    import experiments.ceiling as ceiling
+
+    monkeypatch.setattr(ceiling, "clip_for", lambda cfg: type("C", (), {"checkpoint_sha256": "ab" * 32})())
+    twins = ceiling.TwinCache(tmp_path / "twins")
+    cfg, clients = ceiling.cell_config({"seed": 1}, {"name": "x", "clients": 10}, attack=False)
+    other, _ = ceiling.cell_config({"seed": 2}, {"name": "x", "clients": 10}, attack=False)
+    # Execute
+    twins.put(cfg, clients, np.ones((1, 4)), 0.5)
+    # Assert: the same config and client count hit; another seed or client count misses
+    hit = twins.get(cfg, clients)
+    assert hit is not None and hit["acc"] == 0.5 and hit["ctx"].shape == (1, 4)
+    assert twins.get(other, clients) is None and twins.get(cfg, 9) is None
