@@ -168,6 +168,19 @@ def test_badpromptfl_trigger_is_learned_then_frozen_after_trigger_rounds(random_
     assert not torch.equal(ctx_before_2, model.prompt_learner.ctx.detach())
 
 
+def test_badpromptfl_trigger_rounds_zero_reoptimises_the_trigger_every_round(random_clip, tmp_path):
+    # Prepare: trigger-rounds = 0 means no freezing
+    model, data, atk = _tiny_badpromptfl_setup(random_clip, tmp_path, **{"trigger-rounds": 0, "patch-size": 4})
+    # Execute: three attack rounds, the stored trigger read after each
+    patches = []
+    for rnd in (1, 2, 3):
+        atk.run(model, data, random_clip, rnd, 0, rnd)
+        patches.append(atk.load_trigger().state()["patch"])
+    # Assert: every round moved the patch, and round r starts from round r-1's trigger
+    assert not torch.equal(patches[0], patches[1]) and not torch.equal(patches[1], patches[2])
+    assert atk.current_trigger(4, random_clip.image_size).state()["patch"].equal(patches[2])
+
+
 def test_badpromptfl_stealth_term_keeps_clean_predictions_closer_to_the_global_prompt(random_clip, tmp_path):
     # Prepare: the same attack without and with a strong stealth (KL to the received prompt) term
     def clean_drift(weight: float) -> float:
