@@ -157,12 +157,13 @@ def save_artifacts(out: Path, name: str, ctx: np.ndarray, benign_ctx: np.ndarray
     """What re-computes a cell's figures without fedsec's training code.
 
     ``<name>.npz`` holds the final global context (``ctx``) and the no-attack twin's
-    (``benign_ctx``); ``<name>.attacker/`` the attackers' stored state (their trigger).
+    (``benign_ctx``); ``<name>.attacker/`` the attackers' stored state of the last round
+    (their triggers, whose average the final ASR uses).
     """
     np.savez(out / f"{name}.npz", ctx=np.asarray(ctx), benign_ctx=np.asarray(benign_ctx))
-    attacker = store / "attacker"
-    if attacker.exists():
-        shutil.copytree(attacker, out / f"{name}.attacker", dirs_exist_ok=True)
+    rounds = sorted((store / "attacker").glob("round_*"))
+    if rounds:
+        shutil.copytree(rounds[-1], out / f"{name}.attacker" / rounds[-1].name, dirs_exist_ok=True)
 
 
 class TwinCache:

@@ -78,17 +78,19 @@ def test_cell_artifacts_hold_both_prompts_and_the_attackers_state(tmp_path):
     from experiments.ceiling import save_artifacts
 
     store = tmp_path / "store"
-    (store / "attacker").mkdir(parents=True)
-    (store / "attacker" / "trigger.npz").write_bytes(b"trigger")
+    for rnd in (1, 2):
+        (store / "attacker" / f"round_000{rnd}").mkdir(parents=True)
+        (store / "attacker" / f"round_000{rnd}" / "p3.pt").write_bytes(b"trigger %d" % rnd)
     ctx, benign = np.arange(8.0).reshape(2, 4), -np.ones((2, 4))
     # Execute
     (tmp_path / "out").mkdir()
     save_artifacts(tmp_path / "out", "cell", ctx, benign, store)
-    # Assert: the final and the no-attack prompts round-trip; the attackers' files are copied
+    # Assert: the final and the no-attack prompts round-trip; the attackers' last-round files are copied
     saved = np.load(tmp_path / "out" / "cell.npz")
     np.testing.assert_array_equal(saved["ctx"], ctx)
     np.testing.assert_array_equal(saved["benign_ctx"], benign)
-    assert (tmp_path / "out" / "cell.attacker" / "trigger.npz").read_bytes() == b"trigger"
+    assert [p.name for p in (tmp_path / "out" / "cell.attacker").iterdir()] == ["round_0002"]
+    assert (tmp_path / "out" / "cell.attacker" / "round_0002" / "p3.pt").read_bytes() == b"trigger 2"
 
 
 def test_twin_cache_round_trips_and_keys_on_the_whole_config(tmp_path, monkeypatch):
