@@ -265,15 +265,15 @@ def check_trigger_geometry(cfg: RunConfig) -> None:
     Raises
     ------
     ConfigError
-        Naming ``patch-size`` (or ``badclip-patch-size``), ``patch-top`` / ``patch-left`` and the image size.
+        Naming ``patch-size`` (or ``dual-embedding-patch-size``), ``patch-top`` / ``patch-left`` and the image size.
     """
     from fedsec.models import catalog
 
     size = (catalog.model_config(cfg.model) or {}).get("vision_cfg", {}).get("image_size")
     if cfg.attack == "none" or not isinstance(size, int):
         return
-    if cfg.attack == "badclip" and cfg._has("badclip-patch-size"):
-        keys = ("badclip-patch-size", None, None)
+    if cfg.attack == "dual-embedding" and cfg._has("dual-embedding-patch-size"):
+        keys = ("dual-embedding-patch-size", None, None)
     elif cfg._has("patch-size") and cfg.attack in ("badnets", "badpromptfl", "fm-poison"):
         keys = ("patch-size", "patch-top", "patch-left")
     else:

@@ -110,7 +110,9 @@ class Param:
                 return f"run-config {self.key}={value!r} is out of range [{lo}, {hi if hi is not None else 'inf'}]"
         names = self.allowed()
         if names is not None and value not in names:
-            return f"run-config {self.key}={value!r} is not allowed; allowed values: {', '.join(names)}"
+            renamed = [r._renamed[value] for r in _REGISTRIES.values() if value in r._renamed]
+            hint = f" ({value!r} was renamed {renamed[0]!r})" if renamed and renamed[0] in names else ""
+            return f"run-config {self.key}={value!r} is not allowed{hint}; allowed values: {', '.join(names)}"
         return None
 
 
@@ -158,6 +160,7 @@ class Registry(Generic[T]):
         self.packages = tuple(packages)
         self.common = tuple(common)
         self._items: dict[str, Component[T]] = {}
+        self._renamed: dict[str, str] = {}
         self._loaded = False
         _REGISTRIES[kind] = self
 
@@ -186,6 +189,10 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def rename(self, old: str, new: str) -> None:
+        """Record that ``old`` is now called ``new`` (looking up ``old`` then says so)."""
+        self._renamed[old] = new
 
     # -- discovery -----------------------------------------------------------------
     def load(self) -> None:
@@ -218,6 +225,10 @@ class Registry(Generic[T]):
         try:
             return self._items[name].obj
         except KeyError:
+            if name in self._renamed:
+                raise KeyError(
+                    f"{self.kind} {name!r} was renamed {self._renamed[name]!r}; known: {', '.join(self.names())}"
+                ) from None
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def component(self, name: str) -> Component[T]:

@@ -118,9 +118,38 @@ def test_asr_on_a_hand_built_case():
 
 
 def test_attack_registry_and_params_are_declared():
-    assert {"none", "badpromptfl", "badclip", "badnets", "blended"} <= set(ATTACKS.names())
+    assert {"none", "badpromptfl", "dual-embedding", "badnets", "blended"} <= set(ATTACKS.names())
     cfg = RunConfig.from_mapping({"attack": "badpromptfl", "num-malicious": 2, "trigger-type": "additive"})
     assert cfg.get("trigger-type") == "additive"
+
+
+def test_the_client_side_badclip_was_renamed_and_says_so():
+    # Prepare / Execute / Assert: the old name is not an alias; its error names the new one
+    assert "badclip" not in ATTACKS.names()
+    with pytest.raises(KeyError, match="'badclip' was renamed 'dual-embedding'"):
+        get_attack("badclip")
+    with pytest.raises(Exception, match="'badclip' was renamed 'dual-embedding'"):
+        RunConfig.from_mapping({"attack": "badclip", "num-malicious": 1})
+
+
+def test_dual_embedding_loss_on_a_hand_built_case():
+    # Prepare: 2-D unit features. Row 0 already lies on its positive and far from its clean self (no triplet
+    # loss); row 1 lies on its clean self, at distance sqrt(2) from its positive: hinge sqrt(2) - 0 + 1.
+    import math
+
+    import torch
+
+    from fedsec.attacks.dual_embedding import dual_embedding_loss
+
+    patched = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    clean = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # CE toward class 0 = log 2 per row
+    # Execute
+    loss = dual_embedding_loss(patched, clean, positives, logits, target=0, margin=1.0, triplet_weight=10.0)
+    # Assert: log 2 + 10 * mean(max(0, 1 - 2 + 1), max(0, sqrt 2 - 0 + 1)) (torch adds eps 1e-6 to distances)
+    expected = math.log(2) + 10 * (0.0 + (math.sqrt(2) + 1)) / 2
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
 
 
 def test_active_rounds_window_and_probability(tmp_path):

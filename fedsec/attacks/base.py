@@ -20,7 +20,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("boost-norm-bound", 0.0, "then clip its L2 norm to this (0 = off)", range=(0.0, None)),
 )
 
-#: Keys of a square patch trigger (badpromptfl, badnets, badclip's placement, fm-poison).
+#: Keys of a square patch trigger (badpromptfl, badnets, dual-embedding's placement, fm-poison).
 PATCH_PARAMS: tuple[Param, ...] = (
     Param("patch-size", 8, "side of the square patch trigger, in pixels", range=(1, None)),
     Param("patch-top", -1, "row of the patch's top edge (-1 = bottom-right corner)", range=(-1, None)),
