@@ -41,8 +41,19 @@ def clip_for(cfg: RunConfig) -> FrozenCLIP:
 
 
 def prompt_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
-    """A prompt classifier for ``classnames`` (one per process and prompt layout)."""
-    return _prompt_model(cfg.model, cfg.pretrained, pick_device(cfg.device), classnames, *prompt_layout(cfg))
+    """A prompt classifier for ``classnames`` (one per process and prompt layout), at its initial context.
+
+    The model object is shared by every caller in the process, so its context is
+    reset to the initial one (``ctx-init`` or the seeded random init) on every
+    call: a run never starts from the prompt an earlier run in the same process
+    left behind (a ceiling cell after its no-attack twin, a warm ServerApp).
+    """
+    from fedsec.models.prompt import get_ctx, set_ctx
+
+    model = _prompt_model(cfg.model, cfg.pretrained, pick_device(cfg.device), classnames, *prompt_layout(cfg))
+    init = model.__dict__.setdefault("_fedsec_initial_ctx", get_ctx(model).copy())
+    set_ctx(model, init)
+    return model
 
 
 @lru_cache(maxsize=4)

@@ -295,3 +295,22 @@ def test_evaluation_test_features_come_from_disk_in_the_next_run(fake_fmnist, mo
     # Assert
     assert torch.equal(first, again) and first.shape[0] == 10 and other.shape[0] == 6
     assert len(list((cache_dir / "test-features").glob("*.pt"))) == 2
+
+
+def test_cached_prompt_model_starts_every_caller_at_the_initial_context():
+    # Prepare: the process-wide prompt model of a layout, trained (here: overwritten) by a first run
+    import numpy as np
+
+    from fedsec.config import RunConfig
+    from fedsec.models.prompt import get_ctx, set_ctx
+
+    cfg = RunConfig.from_mapping({"model": "fedsec-tiny-clip", "pretrained": "none", "device": "cpu"})
+    names = ("a", "b", "c")
+    first = caches.prompt_model_for(cfg, names)
+    initial = get_ctx(first)
+    set_ctx(first, np.full_like(initial, 7.0))
+    # Execute: a second run in the same process asks for the model again
+    second = caches.prompt_model_for(cfg, names)
+    # Assert: the same object, back at the initial context (a run never inherits an earlier run's prompt)
+    assert second is first
+    np.testing.assert_array_equal(get_ctx(second), initial)
