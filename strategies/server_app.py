@@ -162,6 +162,9 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
     init = ArrayRecord({"ctx": Array(arrays["ctx"] if done else evaluation.initial_ctx())})
+    prepare = getattr(strategy, "initial_arrays", None)  # a wrapper's hook, found through the wrappers' delegation
+    if not done and callable(prepare):
+        init = prepare(init)  # e.g. server-fusion = "init": the initial prompt pre-trained on the synthetic data
     rounds_left = max(0, cfg.num_server_rounds - done)
     result = strategy.start(
         grid=grid, initial_arrays=init, num_rounds=rounds_left, timeout=cfg.round_timeout, evaluate_fn=evaluate_fn
