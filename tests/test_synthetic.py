@@ -75,7 +75,7 @@ def test_folder_source_rejects_unknown_class_folders(tmp_path):
     ("values", "message"),
     [
         ({"synthetic-source": "dalle"}, r"synthetic-source='dalle' is not allowed; allowed values: diffusers, folder"),
-        ({"server-fusion": "distil"}, r"server-fusion='distil' is not allowed; allowed values: none, tune"),
+        ({"server-fusion": "distil"}, r"server-fusion='distil' is not allowed; allowed values: none, init, kd, tune"),
         ({"bounds-granularity": "layer"}, r"bounds-granularity='layer' is not allowed; allowed values: channel"),
     ],
 )
