@@ -169,32 +169,51 @@ def save_artifacts(out: Path, name: str, ctx: np.ndarray, benign_ctx: np.ndarray
 class TwinCache:
     """The no-attack twins of the cells, kept on disk so later grids reuse them.
 
-    A twin is keyed by its whole resolved config, the client count and the
-    checkpoint's SHA-256 (a changed model never hits an old twin); it holds the
-    final context (the benign-only prompt) and the final clean accuracy.
+    A twin holds its whole resolved config, the client count and the checkpoint's
+    SHA-256 beside its final context (the benign-only prompt) and final clean
+    accuracy. A config hits a stored twin when the client count and checkpoint
+    match and every key either has the same value in both configs or exists in
+    only one of them at its current default (keys added to fedsec since the twin
+    ran do not force a re-run, keys it no longer has are ignored; a changed value
+    always does).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, cfg: RunConfig, clients: int) -> Path:
-        key = {**cfg.to_dict(), "clients": clients, "checkpoint_sha256": clip_for(cfg).checkpoint_sha256}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return self.root / f"{digest}.npz"
+    @staticmethod
+    def _key(cfg: RunConfig, clients: int) -> dict:
+        return {**cfg.to_dict(), "clients": clients, "checkpoint_sha256": clip_for(cfg).checkpoint_sha256}
+
+    @staticmethod
+    def _compatible(stored: dict, wanted: dict) -> bool:
+        defaults = RunConfig.from_mapping({}).to_dict()
+        for k in set(stored) | set(wanted):
+            if k not in defaults and k not in ("clients", "checkpoint_sha256"):
+                continue  # a key fedsec no longer has cannot change today's run
+            if k in stored and k in wanted:
+                if json.dumps(stored[k], default=str) != json.dumps(wanted[k], default=str):
+                    return False
+            elif json.dumps(stored.get(k, wanted.get(k)), default=str) != json.dumps(defaults.get(k), default=str):
+                return False
+        return True
 
     def get(self, cfg: RunConfig, clients: int) -> dict | None:
         """The twin of ``cfg`` if it was run before, else ``None``."""
-        path = self._path(cfg, clients)
-        if not path.exists():
-            return None
-        with np.load(path) as z:
-            return {"ctx": z["ctx"], "acc": float(z["acc"])}
+        wanted = json.loads(json.dumps(self._key(cfg, clients), default=str))
+        for path in sorted(self.root.glob("*.npz")) if self.root.exists() else []:
+            with np.load(path) as z:
+                stored = json.loads(str(z["key"])) if "key" in z.files else None
+                if stored is not None and self._compatible(stored, wanted):
+                    return {"ctx": z["ctx"], "acc": float(z["acc"])}
+        return None
 
     def put(self, cfg: RunConfig, clients: int, ctx: np.ndarray, acc: float) -> dict:
         """Store a finished twin; returns it."""
-        path = self._path(cfg, clients)
+        key = json.dumps(self._key(cfg, clients), sort_keys=True, default=str)
+        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, ctx=np.asarray(ctx), acc=np.float64(acc), config=json.dumps(cfg.to_dict(), default=str))
+        np.savez(path, ctx=np.asarray(ctx), acc=np.float64(acc), key=key)
         return {"ctx": np.asarray(ctx), "acc": float(acc)}
 
     def adopt(self, cfg: RunConfig, clients: int, artifacts: Path, row: dict) -> None:

@@ -109,3 +109,26 @@ def test_twin_cache_round_trips_and_keys_on_the_whole_config(tmp_path, monkeypat
     hit = twins.get(cfg, clients)
     assert hit is not None and hit["acc"] == 0.5 and hit["ctx"].shape == (1, 4)
     assert twins.get(other, clients) is None and twins.get(cfg, 9) is None
+
+
+def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
+    # Prepare: a twin stored before a key existed (simulated by dropping a key from the stored config)
+    import json
+
+    import numpy as np
+
+    import experiments.ceiling as ceiling
+
+    monkeypatch.setattr(ceiling, "clip_for", lambda cfg: type("C", (), {"checkpoint_sha256": "ab" * 32})())
+    twins = ceiling.TwinCache(tmp_path / "twins")
+    cfg, clients = ceiling.cell_config({"seed": 1}, {"name": "x", "clients": 10}, attack=False)
+    twins.put(cfg, clients, np.ones((1, 4)), 0.5)
+    path = next((tmp_path / "twins").glob("*.npz"))
+    with np.load(path) as z:
+        key = json.loads(str(z["key"]))
+    key.pop("k-shot")
+    np.savez(path, ctx=np.ones((1, 4)), acc=np.float64(0.5), key=json.dumps(key))
+    changed, _ = ceiling.cell_config({"seed": 1, "k-shot": 8}, {"name": "x", "clients": 10}, attack=False)
+    # Execute / Assert: the missing key at its default still hits; a non-default value misses
+    assert twins.get(cfg, clients) is not None
+    assert twins.get(changed, clients) is None
