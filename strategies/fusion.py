@@ -84,43 +84,27 @@ def fusion_traits(*, needs_clients: bool = False, at_start: bool = False) -> Cal
     return deco
 
 
-@FUSIONS.register("tune")
-def tune(model, features, labels, cfg, seed: int) -> dict[str, float]:
-    """Cross-entropy tuning of ``ctx`` on the labeled synthetic features."""
+def cross_entropy_fusion(model, features, labels, cfg, seed: int, steps: int) -> dict[str, float]:
+    """``steps`` SGD steps of cross-entropy on the labeled synthetic features at ``fusion-lr`` (no weight decay)."""
     from fedsec.training import train_on_features
 
     stats = train_on_features(
-        model,
-        features,
-        labels,
-        int(cfg.get("fusion-steps")),
-        cfg.batch_size,
-        float(cfg.get("fusion-lr")),
-        cfg.momentum,
-        0.0,
-        seed,
+        model, features, labels, steps, cfg.batch_size, float(cfg.get("fusion-lr")), cfg.momentum, 0.0, seed
     )
     return {"fusion-loss": stats["train-loss"], "fusion-acc": stats["train-acc"]}
+
+
+@FUSIONS.register("tune")
+def tune(model, features, labels, cfg, seed: int) -> dict[str, float]:
+    """Cross-entropy tuning of ``ctx`` on the labeled synthetic features (``fusion-steps``, every round)."""
+    return cross_entropy_fusion(model, features, labels, cfg, seed, int(cfg.get("fusion-steps")))
 
 
 @FUSIONS.register("init")
 @fusion_traits(at_start=True)
 def init(model, features, labels, cfg, seed: int) -> dict[str, float]:
     """Cross-entropy pre-training of the initial ``ctx`` on the labeled synthetic features (FM-FL's initialisation)."""
-    from fedsec.training import train_on_features
-
-    stats = train_on_features(
-        model,
-        features,
-        labels,
-        int(cfg.get("fusion-init-steps")),
-        cfg.batch_size,
-        float(cfg.get("fusion-lr")),
-        cfg.momentum,
-        0.0,
-        seed,
-    )
-    return {"fusion-loss": stats["train-loss"], "fusion-acc": stats["train-acc"]}
+    return cross_entropy_fusion(model, features, labels, cfg, seed, int(cfg.get("fusion-init-steps")))
 
 
 def ensemble_teacher(logits: Sequence[torch.Tensor], temperature: float, average: str = "logits") -> torch.Tensor:
@@ -407,7 +391,7 @@ def synthetic_prompt_model(cfg, synthetic) -> tuple:
             "fusion of the synthetic data: tune (CE every round), kd (distil the clients), init (CE pre-training)",
             choices=_fusion_names,
         ),
-        Param("fusion-steps", 50, "SGD steps of server fusion per round", range=(0, None)),
+        Param("fusion-steps", 50, "tune, kd: SGD steps of server fusion per round", range=(0, None)),
         Param("fusion-lr", 0.002, "learning rate of server fusion", range=(0.0, None)),
         Param(
             "fusion-temperature",
