@@ -109,7 +109,7 @@ def test_n_ctx_must_match_ctx_init_tokens():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"patch-size": 40}, r"patch-size=40 does not fit the 32 px input of fedsec-tiny-clip; set 1..32"),
+        ({"patch-size": 40}, r"patch-size=40 does not fit the 32 px input of fedsec-tiny-clip-v2; set 1..32"),
         ({"patch-top": 30}, r"patch-top=30: a 8 px patch there leaves the 32 px image; set patch-top in 0..24"),
     ],
 )
