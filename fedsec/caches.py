@@ -51,7 +51,9 @@ def prompt_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
     from fedsec.models.prompt import get_ctx, set_ctx
 
     model = _prompt_model(cfg.model, cfg.pretrained, pick_device(cfg.device), classnames, *prompt_layout(cfg))
-    init = model.__dict__.setdefault("_fedsec_initial_ctx", get_ctx(model).copy())
+    init = model.__dict__.get("_fedsec_initial_ctx")
+    if init is None:  # first call: the context as built (get_ctx copies it)
+        init = model.__dict__["_fedsec_initial_ctx"] = get_ctx(model)
     set_ctx(model, init)
     return model
 
