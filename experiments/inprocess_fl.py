@@ -35,11 +35,14 @@ def run_inprocess(
     verbose: bool = True,
     store: Path | None = None,
     local_eval: bool | None = None,
+    init_ctx: np.ndarray | None = None,
 ) -> dict:
     """FedAvg over ``num_clients`` clients; returns per-round accuracies, ASR and timings.
 
     ``verbose`` prints one line per round; ``local_eval`` (default: ``verbose``) also evaluates
     every malicious client's local prompt and trigger, which costs an encoding per attacker.
+    ``init_ctx`` starts the federation from that context instead of the configured initial prompt
+    (e.g. a converged benign prompt, to study an attack on it).
     """
     local_eval = verbose if local_eval is None else local_eval
     t0 = time.perf_counter()
@@ -64,6 +67,8 @@ def run_inprocess(
     asrs: list[float | None] = [None]
     model = prompt_model_for(cfg, tuple(test.classnames))
     zs = zero_shot_accuracy(clip, test.classnames, feats, labels, cfg.prompt_template)
+    if init_ctx is not None:
+        set_ctx(model, np.asarray(init_ctx, dtype=np.float32))
     ctx = get_ctx(model)
     accs = [accuracy(predict(model, feats), labels)]
     t_clients = 0.0

@@ -210,6 +210,81 @@ def test_badpromptfl_trigger_rounds_zero_reoptimises_the_trigger_every_round(ran
     assert atk.current_trigger(4, random_clip.image_size).state()["patch"].equal(patches[2])
 
 
+def test_badpromptfl_alternating_fits_the_trigger_to_the_received_prompt_then_trains_at_the_benign_budget(
+    random_clip, tmp_path, monkeypatch
+):
+    # Prepare: alternating mode, 5 trigger steps, the benign budget (attack-local-steps 0 -> local-steps 4,
+    # attack-lr 0 -> lr 0.01); spies on the step schedules and on the prompt's optimiser
+    import fedsec.attacks.badpromptfl as bp
+
+    model, data, atk = _tiny_badpromptfl_setup(
+        random_clip,
+        tmp_path,
+        **{
+            "attack-mode": "alternating",
+            "trigger-steps": 5,
+            "trigger-rounds": 0,
+            "attack-local-steps": 0,
+            "attack-lr": 0.0,
+            "local-steps": 4,
+            "lr": 0.01,
+            "patch-size": 4,
+        },
+    )
+    received = model.prompt_learner.ctx.detach().clone()
+    fresh = atk.current_trigger(1, random_clip.image_size).state()["patch"]
+    phases, lrs = [], []
+    real_batches, real_sgd = bp.batches, bp.sgd_for
+
+    def spy_batches(n, batch_size, steps, gen):
+        phases.append((steps, model.prompt_learner.ctx.detach().clone()))
+        yield from real_batches(n, batch_size, steps, gen)
+
+    def spy_sgd(ctx, lr, momentum, weight_decay):
+        lrs.append(lr)
+        return real_sgd(ctx, lr, momentum, weight_decay)
+
+    monkeypatch.setattr(bp, "batches", spy_batches)
+    monkeypatch.setattr(bp, "sgd_for", spy_sgd)
+    # Execute: one attack round
+    atk.run(model, data, random_clip, 1, 0, 1)
+    # Assert: 5 trigger steps against the received prompt (unchanged when the prompt phase starts),
+    # then 4 prompt steps at lr 0.01; the trigger moved and the prompt moved
+    assert [steps for steps, _ in phases] == [5, 4]
+    assert torch.equal(phases[1][1], received)
+    assert lrs == [0.01]
+    assert not torch.equal(fresh, atk.load_trigger().state()["patch"])
+    assert not torch.equal(received, model.prompt_learner.ctx.detach())
+
+
+def test_norm_match_clips_the_malicious_update_to_the_honest_updates_norm_keeping_its_direction(
+    random_clip, tmp_path
+):
+    # Prepare: a BadPromptFL attacker with a large budget (its update dwarfs an honest one), with and
+    # without norm-match 1; the honest update from the same prompt, data and seed
+    params = {"attack-local-steps": 10, "attack-lr": 0.05, "patch-size": 4, "local-steps": 3, "lr": 0.01}
+    model, data, free = _tiny_badpromptfl_setup(random_clip, tmp_path / "free", **params)
+    start = model.prompt_learner.ctx.detach().clone()
+    free.run(model, data, random_clip, 1, 0, 7)
+    free_update = model.prompt_learner.ctx.detach() - start
+    model.prompt_learner.ctx.data.copy_(start)
+    honest = get_attack("none")(free.cfg, tmp_path / "honest")
+    honest.run(model, data, random_clip, 1, 0, 7)
+    honest_norm = float((model.prompt_learner.ctx.detach() - start).norm())
+    model.prompt_learner.ctx.data.copy_(start)
+    _, _, matched = _tiny_badpromptfl_setup(random_clip, tmp_path / "matched", **params, **{"norm-match": 1.0})
+    # Execute
+    stats = matched.run(model, data, random_clip, 1, 0, 7)
+    update = model.prompt_learner.ctx.detach() - start
+    # Assert: the free update is larger than the honest one; the matched one has the honest norm and the
+    # free update's direction
+    assert float(free_update.norm()) > honest_norm > 0
+    assert stats["honest-update-norm"] == pytest.approx(honest_norm, rel=1e-5)
+    assert float(update.norm()) == pytest.approx(honest_norm, rel=1e-4)
+    cos = float((update * free_update).sum() / (update.norm() * free_update.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-5)
+
+
 def test_badpromptfl_stealth_term_keeps_clean_predictions_closer_to_the_global_prompt(random_clip, tmp_path):
     # Prepare: the same attack without and with a strong stealth (KL to the received prompt) term
     def clean_drift(weight: float) -> float:

@@ -18,6 +18,12 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("attack-probability", 1.0, "chance they attack in a round between start and end", range=(0.0, 1.0)),
     Param("boost", 1.0, "scale the malicious update by this factor (model replacement)", range=(0.0, None)),
     Param("boost-norm-bound", 0.0, "then clip its L2 norm to this (0 = off)", range=(0.0, None)),
+    Param(
+        "norm-match",
+        0.0,
+        "then clip its L2 norm to this multiple of the attacker's own honest update (0 = off)",
+        range=(0.0, None),
+    ),
 )
 
 #: Keys of a square patch trigger (badpromptfl, badnets, dual-embedding's placement, fm-poison).
@@ -110,29 +116,54 @@ class Attack:
         self.round_config: dict[str, object] = {}
 
     def run(self, model, data, clip, server_round: int, partition_id: int, seed: int) -> dict[str, float]:
-        """Train locally (honestly or not), then boost the update if configured.
+        """Train locally (honestly or not), then boost and bound the update if configured.
 
         Boosting scales the update by ``boost`` (model replacement: about
         ``num clients / num malicious``); ``boost-norm-bound > 0`` then clips the
-        update's L2 norm to stay under a norm-clipping defense's radius.
+        update's L2 norm to stay under a norm-clipping defense's radius;
+        ``norm-match > 0`` clips it to that multiple of the norm of the update the
+        attacker would have sent honestly (the honest path on the same data,
+        received prompt and seed; constrain-and-scale, Bagdasaryan et al., AISTATS
+        2020), which needs no knowledge of the defense or the other clients.
         """
         self.partition_id = partition_id
         ctx = model.prompt_learner.ctx
         start = ctx.detach().clone()
         stats = self.local_train(model, data, clip, server_round, seed)
-        gamma = float(self.cfg.get("boost")) if self.name != "none" else 1.0
-        bound = float(self.cfg.get("boost-norm-bound")) if self.name != "none" else 0.0
-        if gamma != 1.0 or bound > 0:
+        active = self.name != "none"
+        gamma = float(self.cfg.get("boost")) if active else 1.0
+        bound = float(self.cfg.get("boost-norm-bound")) if active else 0.0
+        match = float(self.cfg.get("norm-match")) if active else 0.0
+        if gamma != 1.0 or bound > 0 or match > 0:
             import torch
 
             with torch.no_grad():
                 update = (ctx - start) * gamma
+            if match > 0:
+                honest = self.honest_update_norm(model, data, clip, server_round, seed, start)
+                stats["honest-update-norm"] = honest
+                bound = min(bound, match * honest) if bound > 0 else match * honest
+            with torch.no_grad():
                 norm = float(update.norm())
                 if bound > 0 and norm > bound:
                     update *= bound / norm
                 ctx.copy_(start + update)
             stats["update-norm"] = float(update.norm())
         return stats
+
+    def honest_update_norm(self, model, data, clip, server_round: int, seed: int, start) -> float:
+        """L2 norm of the update the honest path gives from ``start`` (``ctx`` is restored afterwards)."""
+        import torch
+
+        ctx = model.prompt_learner.ctx
+        with torch.no_grad():
+            malicious = ctx.detach().clone()
+            ctx.copy_(start)
+        Attack.local_train(self, model, data, clip, server_round, seed)
+        with torch.no_grad():
+            norm = float((ctx - start).norm())
+            ctx.copy_(malicious)
+        return norm
 
     def is_active(self, server_round: int) -> bool:
         """Whether the malicious clients attack in ``server_round``."""
