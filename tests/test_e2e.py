@@ -43,6 +43,7 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
         **SMALL,
         "num-server-rounds": 2,
         "attack": "badpromptfl",
+        "trigger-steps": 20,  # the default fits the trigger for 100 steps a round; this test checks records only
         "num-malicious": 1,
         "strategy": "krum",
         "num-byzantine": 1,

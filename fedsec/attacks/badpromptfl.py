@@ -16,6 +16,15 @@ by the colluding attackers through the attacker store and carried across
 rounds; it is re-optimised against the current global prompt in the first
 ``trigger-rounds`` attack rounds (0: every round) and then frozen, so the
 prompt's backdoor accumulates for one fixed trigger.
+
+Default design ("global fit", chosen by the ceiling analysis, docs/ceiling.md):
+``alternating`` mode, the trigger fitted every round (``trigger-rounds`` 0) for
+``trigger-steps`` Adam steps to the global prompt the attacker received, then
+the prompt trained with the trigger fixed at the benign clients' budget
+(``attack-local-steps`` and ``attack-lr`` 0 = ``local-steps`` and ``lr``). The
+``joint`` design of earlier sessions (``attack-mode="joint" trigger-rounds=3
+attack-local-steps=50 attack-lr=0.005 backdoor-weight=2``) stays selectable:
+``experiments/conf/badpromptfl_joint.toml``.
 """
 
 from __future__ import annotations
@@ -37,19 +46,19 @@ PARAMS: tuple[Param, ...] = (
     ),
     Param("trigger-eps", 8 / 255, "L-inf bound of the additive trigger", range=(0.0, 1.0)),
     *PATCH_PARAMS,
-    Param("backdoor-weight", 2.0, "lambda: weight of CE(target | trigger(x))", range=(0.0, None)),
+    Param("backdoor-weight", 0.5, "lambda: weight of CE(target | trigger(x))", range=(0.0, None)),
     Param("trigger-lr", 0.05, "learning rate of the trigger", range=(0.0, None)),
     Param(
-        "attack-mode", "joint", "optimise trigger and prompt jointly, or alternate", choices=("joint", "alternating")
+        "attack-mode", "alternating", "optimise trigger and prompt jointly, or alternate", choices=("joint", "alternating")
     ),
-    Param("trigger-steps", 25, "trigger steps before the prompt steps (alternating mode)", range=(0, None)),
-    Param("attack-local-steps", 50, "malicious local steps (0 = local-steps)", range=(0, None)),
-    Param("attack-lr", 0.005, "malicious prompt learning rate (0 = lr)", range=(0.0, None)),
+    Param("trigger-steps", 100, "trigger steps before the prompt steps (alternating mode)", range=(0, None)),
+    Param("attack-local-steps", 0, "malicious local steps (0 = local-steps)", range=(0, None)),
+    Param("attack-lr", 0.0, "malicious prompt learning rate (0 = lr)", range=(0.0, None)),
     Param("stealth-weight", 5.0, "mu: weight of KL(global || local) on clean data", range=(0.0, None)),
     Param("trigger-separation", 2.0, "nu: weight pushing triggered features from the clean ones", range=(0.0, None)),
     Param(
         "trigger-rounds",
-        3,
+        0,
         "attack rounds in which the trigger is optimised, then frozen (0 = every round)",
         range=(0, None),
     ),
