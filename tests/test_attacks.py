@@ -257,9 +257,7 @@ def test_badpromptfl_alternating_fits_the_trigger_to_the_received_prompt_then_tr
     assert not torch.equal(received, model.prompt_learner.ctx.detach())
 
 
-def test_norm_match_clips_the_malicious_update_to_the_honest_updates_norm_keeping_its_direction(
-    random_clip, tmp_path
-):
+def test_norm_match_clips_the_malicious_update_to_the_honest_updates_norm_keeping_its_direction(random_clip, tmp_path):
     # Prepare: a BadPromptFL attacker with a large budget (its update dwarfs an honest one), with and
     # without norm-match 1; the honest update from the same prompt, data and seed
     params = {"attack-local-steps": 10, "attack-lr": 0.05, "patch-size": 4, "local-steps": 3, "lr": 0.01}

@@ -49,7 +49,10 @@ PARAMS: tuple[Param, ...] = (
     Param("backdoor-weight", 0.5, "lambda: weight of CE(target | trigger(x))", range=(0.0, None)),
     Param("trigger-lr", 0.05, "learning rate of the trigger", range=(0.0, None)),
     Param(
-        "attack-mode", "alternating", "optimise trigger and prompt jointly, or alternate", choices=("joint", "alternating")
+        "attack-mode",
+        "alternating",
+        "optimise trigger and prompt jointly, or alternate",
+        choices=("joint", "alternating"),
     ),
     Param("trigger-steps", 100, "trigger steps before the prompt steps (alternating mode)", range=(0, None)),
     Param("attack-local-steps", 0, "malicious local steps (0 = local-steps)", range=(0, None)),
