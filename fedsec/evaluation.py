@@ -134,7 +134,11 @@ class Evaluation:
         to the hand-written zero-shot prompt (``prompt-template``); and
         ``clean_target_rate``, the share of the same images *without* the
         trigger that ``ctx`` already predicts as the target. All on the same
-        non-target images as ``asr``.
+        non-target images as ``asr``. ``shadow_clean_acc`` is the shadow prompt's clean
+        accuracy: the benign updates were computed from the poisoned global prompt,
+        so their sum can leave the region of good prompts (main job, session 8:
+        39.7%, under zero-shot), and ``trigger_only_asr`` then says little
+        (docs/ceiling.md).
         """
         trigger = self.attack.load_trigger()
         if trigger is None:
@@ -162,6 +166,9 @@ class Evaluation:
                 predict(self.model, feats, torch.from_numpy(self.shadow_ctx).to(dev)), labels, target
             ),
             "trigger_zs_asr": rates["asr_zero_shot"],
+            "shadow_clean_acc": accuracy(
+                predict(self.model, base, torch.from_numpy(self.shadow_ctx).to(dev)), self.labels
+            ),
             "clean_target_rate": rates["clean_target_rate"],
             "trigger_linf": float(diff.abs().max()),
             "trigger_l2": float(diff.norm(dim=1).mean()),
@@ -245,7 +252,7 @@ class Evaluation:
                 summary[key] = last[key]
         if self.bounds is not None:
             np.savez(self.run_dir.path / "final_bounds.npz", **self.bounds.to_arrays())
-        last_value = ("trigger_only_asr", "trigger_zs_asr", "clean_target_rate")
+        last_value = ("trigger_only_asr", "shadow_clean_acc", "trigger_zs_asr", "clean_target_rate")
         for key in (*last_value, "det_tpr", "det_fpr"):
             vals = [r[key] for r in self.history if r.get(key) is not None]
             if vals:

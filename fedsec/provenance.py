@@ -107,6 +107,7 @@ def write_provenance(ev) -> None:
             else None
         ),
         "trigger_only_asr": "the same trigger under shadow_ctx (checkpoints/round_NNNN.npz): the initial "
-        "prompt plus the running sum of the benign clients' mean update (docs/reevaluate.md)",
+        "prompt plus the running sum of the benign clients' mean update (docs/reevaluate.md); its clean accuracy is "
+        "shadow_clean_acc: a shadow far below the global prompt's is no benign-only baseline (docs/ceiling.md)",
     }
     ev.run_dir.write_json("provenance.json", prov)

@@ -53,9 +53,9 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
     # Assert
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["asr"] is None and all(r["asr"] is not None for r in rows[1:])
-    assert all(0.0 <= r["trigger_only_asr"] <= 1.0 for r in rows[1:])
+    assert all(0.0 <= r["trigger_only_asr"] <= 1.0 and 0.0 <= r["shadow_clean_acc"] <= 1.0 for r in rows[1:])
     assert all(0.0 <= r["trigger_zs_asr"] <= 1.0 and 0.0 <= r["clean_target_rate"] <= 1.0 for r in rows[1:])
-    assert "trigger_zs_asr" in summary and "clean_target_rate" in summary
+    assert "trigger_zs_asr" in summary and "clean_target_rate" in summary and "shadow_clean_acc" in summary
     assert all("det_tpr" in r and "mal_cos_dist" in r for r in rows[1:])
     assert summary["malicious_partitions"] and len(summary["malicious_partitions"]) == 1
     assert sorted(p.name for p in (tmp_path / "run" / "attacker").glob("round_*")) == ["round_0001", "round_0002"]
