@@ -227,15 +227,16 @@ class TwinCache:
 def runs_from_log(text: str) -> list[list[tuple[float, float | None]]]:
     """The per-round ``(clean_acc, asr)`` of each run in a cell's log (a run restarts at round 1).
 
-    A cell's log holds its no-attack reference run first, then the attacked run; the lines are
-    those ``experiments/inprocess_fl.py`` prints (``round N: clean_acc X%  asr Y%``).
+    A cell's log holds its attacked run and, when the twin was not stored yet, its no-attack
+    reference run (whose ASR is ``-`` in every round); the lines are those
+    ``experiments/inprocess_fl.py`` prints (``round N: clean_acc X%  asr Y%``).
     """
     runs: list[list[tuple[float, float | None]]] = []
     for line in text.splitlines():
         m = re.match(r"round (\d+): clean_acc ([\d.]+)%  asr (-|[\d.]+%)", line)
         if not m:
             continue
-        if int(m.group(1)) == 1:
+        if int(m.group(1)) == 1 or not runs:
             runs.append([])
         asr = None if m.group(3) == "-" else float(m.group(3)[:-1]) / 100
         runs[-1].append((float(m.group(2)) / 100, asr))
@@ -243,26 +244,43 @@ def runs_from_log(text: str) -> list[list[tuple[float, float | None]]]:
 
 
 def partial_table(log_dir: Path) -> str:
-    """A table of the rounds each cell's log reached (for cells cut off before their end)."""
+    """A table of the rounds each cell's log reached (for cells cut off before their end).
+
+    A cell's no-attack reference is the run without ASR in its own log or, failing that, in
+    ``twin-<last part of the cell name>.txt`` (e.g. ``twin-seed0.txt`` for ``pool-seed0``), the
+    log of a ``--twins-only`` process.
+    """
     cols = ["cell", "attacked rounds seen", "ASR r10", "ASR r20", "ASR last", "min ASR last 5", "clean last"]
     cols += ["no-attack clean same round", "gap"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for log in sorted(Path(log_dir).glob("*.txt")):
+    log_dir = Path(log_dir)
+
+    def reference(runs: list) -> list | None:
+        return next((r for r in runs if all(a is None for _, a in r)), None)
+
+    for log in sorted(log_dir.glob("*.txt")):
+        if log.stem.startswith("twin-"):
+            continue
         runs = runs_from_log(log.read_text())
-        if len(runs) < 2:
+        att = next((r for r in runs if any(a is not None for _, a in r)), None)
+        ref = reference(runs)
+        twin_log = log_dir / f"twin-{log.stem.rsplit('-', 1)[-1]}.txt"
+        if ref is None and twin_log.exists():
+            ref = reference(runs_from_log(twin_log.read_text()))
+        if att is None:
             lines.append(f"| {log.stem} | 0 | - | - | - | - | - | - | - |")
             continue
-        ref, att = runs[0], runs[1]
         n = len(att)
         asr = [a for _, a in att]
+        seen = [a for a in asr if a is not None]
 
         def at(r: int, asr: list = asr, n: int = n) -> str:
             return "-" if r > n or asr[r - 1] is None else f"{100 * asr[r - 1]:.1f}%"
 
-        ref_acc = ref[n - 1][0] if n <= len(ref) else None
+        ref_acc = ref[n - 1][0] if ref is not None and n <= len(ref) else None
         gap = "-" if ref_acc is None else f"{100 * (att[-1][0] - ref_acc):+.1f}"
         lines.append(
-            f"| {log.stem} | {n} | {at(10)} | {at(20)} | {at(n)} | {100 * min(asr[-5:]):.1f}% "
+            f"| {log.stem} | {len(seen)} | {at(10)} | {at(20)} | {at(n)} | {100 * min(seen[-5:]):.1f}% "
             f"| {100 * att[-1][0]:.1f}% | {'-' if ref_acc is None else f'{100 * ref_acc:.1f}%'} | {gap} |"
         )
     return "\n".join(lines) + "\n"
@@ -302,6 +320,11 @@ def main() -> None:
     )
     ap.add_argument("--twins", default="", help="folder of the no-attack twins (default: <out>/twins)")
     ap.add_argument(
+        "--twins-only",
+        action="store_true",
+        help="only run and store the no-attack twins of the selected cells (to run beside the attacked cells)",
+    )
+    ap.add_argument(
         "--from-logs",
         metavar="DIR",
         help="instead of running: table of the rounds reached by the cell logs in DIR (cut-off runs)",
@@ -330,13 +353,21 @@ def main() -> None:
             print(f"[ceiling] {cell['name']}: done, skipped", flush=True)
             continue
         t0 = time.perf_counter()
-        twin = twins.get(ref_cfg, clients)
-        if twin is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                ref = run_cell(ref_cfg, clients, Path(tmp))
-            twin = twins.put(ref_cfg, clients, ref["final_ctx"], ref["final_acc"])
+        if args.twins_only:
+            if twins.get(ref_cfg, clients) is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    ref = run_cell(ref_cfg, clients, Path(tmp))
+                twins.put(ref_cfg, clients, ref["final_ctx"], ref["final_acc"])
+            print(f"[ceiling] {cell['name']}: twin stored in {twins.root}", flush=True)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             res = run_cell(cfg, clients, Path(tmp))
+            # The twin is looked up after the attacked run, so a separate --twins-only process can make it meanwhile.
+            twin = twins.get(ref_cfg, clients)
+            if twin is None:
+                with tempfile.TemporaryDirectory() as tmp_ref:
+                    ref = run_cell(ref_cfg, clients, Path(tmp_ref))
+                twin = twins.put(ref_cfg, clients, ref["final_ctx"], ref["final_acc"])
             final = final_metrics(cfg, res["final_ctx"], twin["ctx"], Path(tmp), res["test_features"])
             save_artifacts(out, cell["name"], res["final_ctx"], twin["ctx"], Path(tmp))
         asrs = [a for a in res["asrs"][1:] if a is not None]

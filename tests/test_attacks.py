@@ -324,3 +324,51 @@ def test_trigger_baselines_and_clean_target_rate_on_a_hand_built_case():
     assert out["asr_global"] == pytest.approx(3 / 4)
     assert out["asr_zero_shot"] == 0.0
     assert out["clean_target_rate"] == pytest.approx(1 / 4)
+
+
+def test_attacker_store_shares_an_item_only_with_later_rounds(tmp_path):
+    # Prepare: colluder 3 offers an item in round 2, colluder 1 in round 4 (and again in round 5: kept once)
+    from fedsec.attacks.store import AttackerStore
+
+    store = AttackerStore(tmp_path)
+    store.share("fit-data", 2, 3, {"x": torch.tensor([3.0])})
+    store.share("fit-data", 4, 1, {"x": torch.tensor([1.0])})
+    store.share("fit-data", 5, 1, {"x": torch.tensor([9.0])})
+    # Execute: what a reader sees in rounds 2, 3 and 5
+    seen = {r: store.shared("fit-data", r) for r in (2, 3, 5)}
+    # Assert: nothing from its own round or later; by partition id; the first offer kept
+    assert seen[2] == {}
+    assert list(seen[3]) == [3]
+    assert list(seen[5]) == [1, 3]
+    assert float(seen[5][1]["x"]) == 1.0
+
+
+def test_badpromptfl_trigger_pool_gives_every_colluder_the_same_trigger_from_the_second_round(random_clip, tmp_path):
+    # Prepare: two colluders (partitions 0 and 3) with different images, alternating mode, the same
+    # received prompt each round; the pair is run in both orders, with and without trigger-pool
+    params = {"attack-mode": "alternating", "trigger-steps": 4, "local-steps": 2, "patch-size": 4}
+
+    def federation(pool: bool, order: tuple[int, int], folder: str) -> dict[int, dict[int, torch.Tensor]]:
+        model, data, atk = _tiny_badpromptfl_setup(random_clip, tmp_path / folder, **params, **{"trigger-pool": pool})
+        other = type(data)(data.images.flip(0), data.labels.flip(0), data.features.flip(0))
+        datasets = {0: data, 3: other}
+        received = model.prompt_learner.ctx.detach().clone()
+        triggers: dict[int, dict[int, torch.Tensor]] = {}
+        for rnd in (1, 2):
+            for pid in order:
+                model.prompt_learner.ctx.data.copy_(received)
+                atk.run(model, datasets[pid], random_clip, rnd, pid, 100 * rnd + pid)
+            files = sorted((tmp_path / folder / "attacker" / f"round_{rnd:04d}").glob("p*.pt"))
+            triggers[rnd] = {int(f.stem[1:]): torch.load(f, weights_only=False)["patch"] for f in files}
+        return triggers
+
+    # Execute
+    pooled = federation(True, (0, 3), "pooled")
+    pooled_reversed = federation(True, (3, 0), "pooled-reversed")
+    separate = federation(False, (0, 3), "separate")
+    # Assert: round 1 fits on own images (the triggers differ); from round 2 the pooled fit gives both
+    # colluders one trigger, whatever the order they ran in; without pooling they stay apart
+    assert not torch.equal(pooled[1][0], pooled[1][3])
+    assert torch.equal(pooled[2][0], pooled[2][3])
+    assert torch.equal(pooled[2][0], pooled_reversed[2][0])
+    assert not torch.equal(separate[2][0], separate[2][3])

@@ -59,6 +59,22 @@ def test_cut_off_logs_give_the_rounds_they_reached(tmp_path):
     assert "| cell | 2 | - | - | 90.0% | 10.0% | 45.5% | 50.0% | -4.5 |" in table
 
 
+def test_cut_off_logs_pair_an_attack_from_a_late_round_with_a_separate_twin_log(tmp_path):
+    # Prepare: an attacked run whose attack starts in round 2 (ASR "-" before), cut off after 3 rounds,
+    # and the no-attack twin in twin-seed1.txt, as a --twins-only process writes it
+    (tmp_path / "pool-seed1.txt").write_text(
+        "round 1: clean_acc 30.0%  asr -\nround 2: clean_acc 40.0%  asr 20.0%\nround 3: clean_acc 41.0%  asr 80.0%\n"
+    )
+    (tmp_path / "twin-seed1.txt").write_text(
+        "round 1: clean_acc 30.0%  asr -\nround 2: clean_acc 42.0%  asr -\nround 3: clean_acc 44.0%  asr -\n"
+    )
+    # Execute
+    table = partial_table(tmp_path)
+    # Assert: two attacked rounds seen, the gap read against the twin's round 3; the twin log gets no row
+    assert "| pool-seed1 | 2 | - | - | 80.0% | 20.0% | 41.0% | 44.0% | -3.0 |" in table
+    assert "| twin-seed1 |" not in table
+
+
 def test_command_reproduces_the_cell_and_bad_cells_are_named(tmp_path):
     # Prepare / Execute
     cmd = command({"model": "fedsec-tiny-clip-v2"}, {"name": "c", "clients": 4, "class-specific": False})

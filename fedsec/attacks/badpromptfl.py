@@ -25,6 +25,14 @@ the prompt trained with the trigger fixed at the benign clients' budget
 ``joint`` design of earlier sessions (``attack-mode="joint" trigger-rounds=3
 attack-local-steps=50 attack-lr=0.005 backdoor-weight=2``) stays selectable:
 ``experiments/conf/badpromptfl_joint.toml``.
+
+``trigger-pool`` (alternating mode): the colluders fit one trigger together
+instead of one each. Every attacker offers its images once through the
+attacker store; from the next round on each fits the trigger on the pooled
+images of all colluders, in partition-id order, with a generator seeded by the
+run and the round only, so every attacker computes the same trigger and trains
+its prompt with the trigger the evaluation uses (without pooling the
+evaluation averages the attackers' separately fitted patches).
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ PARAMS: tuple[Param, ...] = (
     Param("stealth-weight", 5.0, "mu: weight of KL(global || local) on clean data", range=(0.0, None)),
     Param("trigger-separation", 2.0, "nu: weight pushing triggered features from the clean ones", range=(0.0, None)),
     Param(
+        "trigger-pool",
+        False,
+        "colluders fit one trigger on their pooled images with a shared seed (alternating mode)",
+    ),
+    Param(
         "trigger-rounds",
         0,
         "attack rounds in which the trigger is optimised, then frozen (0 = every round)",
@@ -90,6 +103,27 @@ class BadPromptFL(Attack):
         if state is not None:
             return trigger_from_dict(state)
         return make_trigger(self.cfg, image_size, self.cfg.seed)
+
+    def pooled_fit_data(
+        self, server_round: int, images: torch.Tensor, feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Images, clean features and batch generator of the colluders' common trigger fit.
+
+        This attacker's own data is offered to the colluders (once); the pool is every colluder's
+        data offered before ``server_round`` plus this attacker's own, in partition-id order, so
+        from the round after the first the pool, and with the round-seeded generator the fitted
+        trigger, is the same on every attacker.
+        """
+        own = {"images": images.detach().cpu(), "features": feats.detach().cpu()}
+        self.store.share("fit-data", server_round, self.partition_id, own)
+        pool = {**self.store.shared("fit-data", server_round), self.partition_id: own}
+        parts = [pool[k] for k in sorted(pool)]
+        gen = torch.Generator().manual_seed(int(self.cfg.seed) * 100_003 + server_round * 1_009 + 0xF17)
+        return (
+            torch.cat([p["images"] for p in parts]),
+            torch.cat([p["features"] for p in parts]),
+            gen,
+        )
 
     def local_train(self, model, data, clip, server_round: int, seed: int) -> dict[str, float]:
         c = self.cfg
@@ -124,12 +158,17 @@ class BadPromptFL(Attack):
         losses, bd_losses = [], []
         if mode == "alternating" and train_trigger:
             # Phase 1: the trigger against the current prompt; phase 2: the prompt with the trigger fixed.
-            for idx in batches(len(labels), c.batch_size, int(c.get("trigger-steps")), gen):
+            fit_images, fit_feats, fit_gen = images, feats, gen
+            if bool(c.get("trigger-pool")):
+                fit_images, fit_feats, fit_gen = self.pooled_fit_data(server_round, images, feats)
+                fit_feats = fit_feats.to(dev)
+            fit_tgt = torch.full((len(fit_feats),), target, dtype=torch.long, device=dev)
+            for idx in batches(len(fit_feats), c.batch_size, int(c.get("trigger-steps")), fit_gen):
+                f_trig = clip.encode_images(trigger(fit_images[idx].to(dev)))
                 idx = idx.to(dev)
-                f_trig = triggered_features(idx, True)
-                loss = F.cross_entropy(model.logits_from_features(f_trig), tgt[idx])
+                loss = F.cross_entropy(model.logits_from_features(f_trig), fit_tgt[idx])
                 if nu > 0:
-                    loss = loss + nu * (f_trig * feats[idx]).sum(-1).clamp_min(0).mean()
+                    loss = loss + nu * (f_trig * fit_feats[idx]).sum(-1).clamp_min(0).mean()
                 opt_trig.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_trig.step()

@@ -7,6 +7,11 @@ run can reach (one machine, or a shared file system in a deployment). In round
 average of round ``r``'s triggers. The result does not depend on which client
 finishes first, and the evaluation reads the same average. Files are written
 atomically (temp file + rename).
+
+Colluders may also pool what they hold (``trigger-pool``): each writes its own
+item once to ``shared/KIND/pPID.pt`` with the round it was written in, and a
+reader in round ``r`` sees only items written before ``r``, so what a client
+reads never depends on the order in which clients run within a round.
 """
 
 from __future__ import annotations
@@ -34,14 +39,32 @@ class AttackerStore:
 
     def save(self, server_round: int, partition_id: int, state: dict) -> Path:
         """Write one attacker's trigger for ``server_round``."""
-        folder = self.path / f"round_{server_round:04d}"
+        return self._write(self.path / f"round_{server_round:04d}", f"p{partition_id}.pt", state)
+
+    def _write(self, folder: Path, name: str, state: dict) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        out = folder / f"p{partition_id}.pt"
+        out = folder / name
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         os.close(fd)
         torch.save(state, tmp)
         os.replace(tmp, out)
         return out
+
+    def share(self, kind: str, server_round: int, partition_id: int, state: dict) -> None:
+        """Offer this attacker's ``state`` to its colluders, once (an existing item is kept)."""
+        folder = self.path / "shared" / kind
+        if not (folder / f"p{partition_id}.pt").exists():
+            self._write(folder, f"p{partition_id}.pt", {"round": int(server_round), "state": state})
+
+    def shared(self, kind: str, before_round: int) -> dict[int, dict]:
+        """The colluders' items of ``kind`` written strictly before ``before_round``, by partition id."""
+        folder = self.path / "shared" / kind
+        items: dict[int, dict] = {}
+        for f in sorted(folder.glob("p*.pt")) if folder.exists() else []:
+            item = torch.load(f, weights_only=False)
+            if int(item["round"]) < before_round:
+                items[int(f.stem[1:])] = item["state"]
+        return dict(sorted(items.items()))
 
     def rounds(self) -> list[int]:
         """Rounds that have at least one trigger file."""
