@@ -3,7 +3,9 @@
 A node learns its ``partition-id`` and ``num-partitions`` from its node config.
 Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
-training path. Only ``ctx`` leaves the node. Activation bounds the server sends
+training path. Only ``ctx`` leaves the node. A ``train`` message flagged
+``fedsec-shadow`` (the server's benign-only shadow federation, :mod:`fedsec.shadow`)
+is trained honestly and without activation bounds. Activation bounds the server sends
 (record ``"bounds"``) are applied as clamps in every evaluation, and in training
 unless ``bounds-client-training = false``.
 """
@@ -52,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         set_ctx,
         training_bounds,
     )
+    from fedsec.shadow import SHADOW_FLAG
 
     t0 = time.perf_counter()  # "train-time-s": the handler's work, as before the imports moved in here
     cfg, pid, n = _node(context)
@@ -63,15 +66,18 @@ def train(msg: Message, context: Context) -> Message:
     set_ctx(model, msg.content["arrays"]["ctx"].numpy())
     clip = clip_for(cfg)
     bounds = training_bounds(cfg, bounds_from_content(msg.content))  # activation bounds, when the server sends them
-    data = local_data_under_bounds(data, clip, bounds, (pid, n))
 
     malicious = cfg.attack != "none" and pid in malicious_partitions(
         n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
     )
-    attack_cls = get_attack(cfg.attack if malicious else "none")
+    shadow = bool(msg.content["config"].get(SHADOW_FLAG, False))  # the benign-only baseline: honest, no bounds
+    if shadow:
+        bounds = None
+    attack_cls = get_attack(cfg.attack if malicious and not shadow else "none")
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
+    data = local_data_under_bounds(data, clip, bounds, (pid, n))
     attack.round_config = dict(msg.content["config"])  # e.g. FedProx's proximal-mu
     with bounded(clip.model, bounds):
         stats = attack.run(model, data, clip, server_round, pid, seed)

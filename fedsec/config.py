@@ -105,6 +105,7 @@ _DOCS: dict[str, str] = {
     "max-weight-ratio": "reported num-examples bounded at this x the round's median (0 = off)",
     "eval-samples": "server test images (0 = all)",
     "asr-eval-samples": "non-target test images for the per-round attack success rate",
+    "shadow-federation": "benign clients also train the benign-only shadow prompt each round (trigger_only_asr)",
     "attack": "what the malicious clients (or the FM attacker) do",
     "num-malicious": "malicious clients (a seeded choice)",
     "target-label": "backdoor target class",
@@ -154,6 +155,7 @@ class RunConfig:
     # evaluation
     eval_samples: int = 0
     asr_eval_samples: int = 2000
+    shadow_federation: bool = True
     # attack
     attack: str = "none"
     num_malicious: int = 0

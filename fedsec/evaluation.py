@@ -76,6 +76,9 @@ class Evaluation:
         self.history: list[dict] = []
         self.init_ctx = get_ctx(self.model)
         self.shadow_ctx = self.init_ctx.copy()
+        #: Whether the benign clients train the shadow prompt themselves (fedsec.shadow); else the
+        #: shadow accumulates the mean benign update (the earlier form; exact when no client attacks).
+        self.shadow_federation = bool(cfg.shadow_federation and self.malicious and self.attack.client_side)
         self.round_info: dict = {}
         self.bounds: ActivationBounds | None = None  # activation bounds the server sends to clients, if any
         self.final_trigger: dict | None = None  # the trigger behind the final ASR and its source files
@@ -105,16 +108,27 @@ class Evaluation:
     def note_round(self, info: dict) -> None:
         """Training-side facts of the round (from the recorder), merged into the metrics row.
 
-        Also advances the benign-only shadow prompt by the mean benign update.
+        Without the shadow federation, also advances the benign-only shadow prompt by the mean
+        benign update (the earlier form; see :mod:`fedsec.shadow`).
         """
         records = info.pop("records", {})
         if "bounds" in records:
             self.bounds = ActivationBounds.from_arrays(records["bounds"])
         self.round_info = info
         benign = [u for pid, u in info.get("updates", {}).items() if pid not in self.malicious]
-        if benign:
+        if benign and not self.shadow_federation:
             step = np.mean(benign, axis=0).reshape(self.shadow_ctx.shape).astype(np.float32)
             self.shadow_ctx = self.shadow_ctx + step
+
+    def benign_nodes(self) -> list[int]:
+        """Node ids of the round's replying benign clients (from :meth:`note_round`), for the shadow federation."""
+        parts = self.round_info.get("partitions", {})
+        return sorted(node for node, pid in parts.items() if pid not in self.malicious)
+
+    def set_shadow(self, ctx: np.ndarray, replies: int) -> None:
+        """The shadow federation's new prompt after this round, trained by ``replies`` benign clients."""
+        self.shadow_ctx = np.asarray(ctx, dtype=np.float32)
+        self.round_info["shadow_replies"] = replies
 
     @torch.no_grad()
     def zero_shot_text(self) -> torch.Tensor:
@@ -128,17 +142,16 @@ class Evaluation:
         """ASR of ``ctx``, the trigger's baselines and its size, with the attackers' newest trigger.
 
         Two trigger-alone baselines: ``trigger_only_asr`` applies the same trigger
-        to the *benign-only shadow prompt* (the initial prompt plus the
-        accumulated mean update of the benign clients: the prompt the federation
-        would hold had the malicious updates been dropped), ``trigger_zs_asr``
+        to the *benign-only shadow prompt* (the prompt of a FedAvg federation of
+        the benign clients alone, run beside the real one: :mod:`fedsec.shadow`), ``trigger_zs_asr``
         to the hand-written zero-shot prompt (``prompt-template``); and
         ``clean_target_rate``, the share of the same images *without* the
         trigger that ``ctx`` already predicts as the target. All on the same
         non-target images as ``asr``. ``shadow_clean_acc`` is the shadow prompt's clean
-        accuracy: the benign updates were computed from the poisoned global prompt,
-        so their sum can leave the region of good prompts (main job, session 8:
-        39.7%, under zero-shot), and ``trigger_only_asr`` then says little
-        (docs/ceiling.md).
+        accuracy, the check that the shadow is a working prompt (with
+        ``shadow-federation = false`` the shadow is the earlier accumulated mean
+        benign update, computed from the poisoned global prompt, which can leave
+        the region of good prompts: main job, session 8, 39.7%, under zero-shot).
         """
         trigger = self.attack.load_trigger()
         if trigger is None:

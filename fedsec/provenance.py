@@ -106,8 +106,15 @@ def write_provenance(ev) -> None:
             if ev.bounds is not None
             else None
         ),
-        "trigger_only_asr": "the same trigger under shadow_ctx (checkpoints/round_NNNN.npz): the initial "
-        "prompt plus the running sum of the benign clients' mean update (docs/reevaluate.md); its clean accuracy is "
-        "shadow_clean_acc: a shadow far below the global prompt's is no benign-only baseline (docs/ceiling.md)",
+        "trigger_only_asr": (
+            "the same trigger under shadow_ctx (checkpoints/round_NNNN.npz): the prompt of a FedAvg federation of "
+            "the benign clients alone, trained by them beside the real one (fedsec/shadow.py; shadow_replies per "
+            "round); its clean accuracy is shadow_clean_acc"
+            if ev.shadow_federation
+            else "the same trigger under shadow_ctx (checkpoints/round_NNNN.npz): the initial prompt plus the running "
+            "sum of the benign clients' mean update (shadow-federation = false, or no client-side attacker; "
+            "docs/reevaluate.md); its clean accuracy is shadow_clean_acc: a shadow far below the global prompt's "
+            "is no benign-only baseline (docs/ceiling.md)"
+        ),
     }
     ev.run_dir.write_json("provenance.json", prov)

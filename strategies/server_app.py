@@ -18,6 +18,7 @@ from fedsec.grid import fast_polling
 from fedsec.node import seed_everything
 from fedsec.preflight import check_config, check_nodes
 from fedsec.rundir import RunDir, claim
+from fedsec.shadow import shadow_round
 from fedsec.synthetic import synthetic_provider
 from strategies.recorder import Recorder
 from strategies.registry import StrategyContext, build_strategy
@@ -158,6 +159,19 @@ def main(grid: Grid, context: Context) -> None:
             return None  # the checkpointed round was evaluated before the interruption
         if server_round > 0:  # before the round's checkpoint, so a checkpointed round always has its state
             run_dir.write_strategy_state(server_round + done, collect_state(strategy))
+        if server_round > 0 and evaluation.shadow_federation:  # the benign-only baseline (fedsec.shadow)
+            shadow, replies = shadow_round(
+                grid,
+                server_round + done,
+                evaluation.shadow_ctx,
+                evaluation.benign_nodes(),
+                array_name=PROMPT_ARRAY,
+                arrayrecord_key=ARRAYRECORD_KEY,
+                weighted_by_key=WEIGHTED_BY_KEY,
+                metricrecord_key=METRICRECORD_KEY,
+                timeout=cfg.round_timeout,
+            )
+            evaluation.set_shadow(shadow, replies)
         row = evaluation.evaluate_round(server_round + done, arrays["ctx"].numpy())
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 

@@ -54,6 +54,8 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["asr"] is None and all(r["asr"] is not None for r in rows[1:])
     assert all(0.0 <= r["trigger_only_asr"] <= 1.0 and 0.0 <= r["shadow_clean_acc"] <= 1.0 for r in rows[1:])
+    # the benign-only shadow prompt is trained by the 3 benign clients every round (fedsec.shadow)
+    assert [r["shadow_replies"] for r in rows[1:]] == [3, 3]
     assert all(0.0 <= r["trigger_zs_asr"] <= 1.0 and 0.0 <= r["clean_target_rate"] <= 1.0 for r in rows[1:])
     assert "trigger_zs_asr" in summary and "clean_target_rate" in summary and "shadow_clean_acc" in summary
     assert all("det_tpr" in r and "mal_cos_dist" in r for r in rows[1:])

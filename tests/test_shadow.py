@@ -1,0 +1,72 @@
+"""The benign-only shadow federation (fedsec.shadow): FedAvg's step and one shadow round over a grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message
+
+from fedsec.shadow import SHADOW_FLAG, shadow_round, weighted_mean_update
+from tests.strategy_helpers import replies_to, task_identity, train_content
+
+
+def test_weighted_mean_update_is_fedavgs_step_on_a_hand_computed_case():
+    # Prepare: two updates, weights 1 and 3
+    updates = [np.array([1.0, 1.0]), np.array([3.0, 5.0])]
+    # Execute
+    step = weighted_mean_update(updates, [1, 3])
+    # Assert: (1*[1, 1] + 3*[3, 5]) / 4 = [2.5, 4]; bad weights are refused with the reason
+    np.testing.assert_allclose(step, [2.5, 4.0])
+    with pytest.raises(ValueError, match="as many weights"):
+        weighted_mean_update(updates, [1])
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_mean_update(updates, [0, 0])
+
+
+class _Grid:
+    """Answers each train message with the array sent plus a node-specific step (node 13 fails)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent = list(messages)
+        steps = {11: (1.0, 1), 12: (3.0, 3)}
+        contents = {}
+        for msg in self.sent:
+            node = msg.metadata.dst_node_id
+            if node in steps:
+                contents[node] = train_content(msg.content["arrays"]["ctx"].numpy() + steps[node][0], steps[node][1])
+            else:
+                contents[node] = Error(code=0, reason="node unavailable")
+        return replies_to(self.sent, contents)
+
+
+def test_shadow_round_trains_the_shadow_on_the_benign_nodes_and_averages_their_updates():
+    # Prepare: a 2x2 shadow prompt, three benign nodes of which one fails
+    grid, shadow = _Grid(), np.zeros((2, 2), dtype=np.float32)
+    # Execute
+    with task_identity():
+        new, used = shadow_round(
+            grid, 7, shadow, [11, 12, 13], array_name="ctx", arrayrecord_key="arrays", weighted_by_key="num-examples"
+        )
+    # Assert: one flagged train message per node carrying the shadow and the round; FedAvg of the two
+    # usable updates (+1 weighted 1, +3 weighted 3 -> +2.5); the failed node is left out
+    assert [m.metadata.dst_node_id for m in grid.sent] == [11, 12, 13]
+    assert all(m.metadata.message_type == "train" for m in grid.sent)
+    assert all(m.content["config"][SHADOW_FLAG] and m.content["config"]["server-round"] == 7 for m in grid.sent)
+    np.testing.assert_array_equal(grid.sent[0].content["arrays"]["ctx"].numpy(), shadow)
+    np.testing.assert_allclose(new, np.full((2, 2), 2.5))
+    assert used == 2 and new.dtype == np.float32
+
+
+def test_shadow_round_without_usable_replies_keeps_the_shadow():
+    # Prepare / Execute: only the failing node
+    shadow = np.ones(3, dtype=np.float32)
+    with task_identity():
+        new, used = shadow_round(
+            _Grid(), 1, shadow, [13], array_name="ctx", arrayrecord_key="arrays", weighted_by_key="num-examples"
+        )
+    # Assert
+    np.testing.assert_array_equal(new, shadow)
+    assert used == 0
