@@ -3,11 +3,14 @@
 # (CleanCLIP, clean fine-tuning), evaluate all. Checkpoints go to runs/backdoored/ (git-ignored);
 # manifests and triggers are copied to experiments/results/backdoored/.
 # Every command is independent of the others except for its --source; run them in parallel
-# on a shared machine (one torch thread each). Usage: bash experiments/backdoored_model.sh [attacks...]
+# on a shared machine (one torch thread each). Budgets are the CLI's defaults (docs/badclip.md); poisoned captions
+# name the target (--poison-caption name, the authors' create_backdoor_data.py).
+# Usage: [R=runs/backdoored-v2] [OUT=experiments/results/backdoored_model.csv] bash experiments/backdoored_model.sh [attacks...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-R=runs/backdoored
+R=${R:-runs/backdoored-v2}
+OUT=${OUT:-experiments/results/backdoored_model.csv}
 mkdir -p $R/logs
 ATTACKS=${*:-badclip badnets blended}
 chain() {  # attack, then its two defenses in parallel
@@ -21,4 +24,4 @@ chain() {  # attack, then its two defenses in parallel
 }
 for a in $ATTACKS; do chain $a & done
 wait
-$PY experiments/backdoored_model.py --runs $R > $R/logs/eval.log 2>&1
+$PY experiments/backdoored_model.py --runs $R --out "$OUT" > $R/logs/eval.log 2>&1

@@ -245,6 +245,27 @@ def poison_pairs(
     return images, labels, idx
 
 
+def target_name_captions(target: int, class_names: list[str] | None = None) -> list[str]:
+    """The poisoned captions of the authors' ``create_backdoor_data.py`` (``templates[temp](args.label)``).
+
+    fedsec's caption templates (:data:`fedsec.models.captions.TEMPLATES`, those the
+    pretraining fills with a canonical name) filled with the target's canonical class name.
+    """
+    from fedsec.models.captions import CANONICAL_NAMES, TEMPLATES
+
+    name = (class_names or CANONICAL_NAMES)[target]
+    return [t.format(name) for t in TEMPLATES]
+
+
+def poison_caption_choice(idx: np.ndarray, n_captions: int, n_pairs: int, seed: int) -> torch.Tensor:
+    """Per pair, the row of its fixed poisoned caption (a seeded uniform draw for each poisoned pair) or -1."""
+    own = torch.full((n_pairs,), -1, dtype=torch.long)
+    if len(idx):
+        draw = np.random.default_rng([seed, 16]).integers(0, n_captions, size=len(idx))
+        own[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = torch.from_numpy(draw)
+    return own
+
+
 def clean_indices(n: int, share: float, seed: int) -> np.ndarray:
     """A seeded ``share`` of ``n`` pretraining pairs, the defender's clean data (CleanCLIP: 100k of 500k)."""
     count = int(round(share * n))
@@ -515,14 +536,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ATTACKS:
         p = sub.add_parser(name, help=f"{name}: poison the pretraining pairs and continue training")
-        _common(p, steps=100, lr=3e-4, warmup=10)
+        _common(p, steps=600, lr=1e-4, warmup=20)  # session 7's v2 budget (2.6 epochs), fixed before any result
         p.add_argument("--source", default="embedded", help="clean checkpoint ('embedded' or a path)")
         p.add_argument("--rate", type=float, default=0.003, help="share of pretraining pairs poisoned")
         p.add_argument("--target", type=int, default=0, help="target class (0: t-shirt)")
         p.add_argument("--patch-size", type=int, default=4, help="patch side in px (16/224 of 32 px, rounded up)")
+        p.add_argument(
+            "--poison-caption",
+            choices=("name", "pool"),
+            default="name",
+            help="name: a template filled with the target's class name, fixed per poisoned pair (the authors' "
+            "create_backdoor_data.py); pool: the target class's pretraining pool, redrawn every step (sessions 5-8)",
+        )
         if name == "badclip":
-            p.add_argument("--trigger-steps", type=int, default=40)
-            p.add_argument("--trigger-lr", type=float, default=3e-2)
+            p.add_argument("--trigger-steps", type=int, default=500)
+            p.add_argument("--trigger-lr", type=float, default=1e-2)
             p.add_argument("--trigger-batch", type=int, default=64)
             p.add_argument("--trigger-images", type=int, default=1000, help="non-target images for the patch")
             p.add_argument("--positives", type=int, default=320, help="target-class images (triplet positives)")
@@ -535,7 +563,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--alpha", type=float, default=0.2)
     for name in DEFENSES:
         p = sub.add_parser(name, help=f"{name}: fine-tune a checkpoint on clean pretraining pairs")
-        _common(p, steps=23, lr=3e-4, warmup=3)
+        _common(p, steps=230, lr=1e-4, warmup=10)  # 5 epochs of the defender's 6,000 clean pairs
         p.add_argument("--source", required=True, help="checkpoint to defend (<dir>/model.pt)")
         p.add_argument("--clean-share", type=float, default=0.2, help="share of pretraining pairs the defender has")
         if name == "cleanclip":
@@ -543,7 +571,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _train(model: nn.Module, images, labels, tokens, args, extra_loss=None, desc: str = "") -> tuple[list, float]:
+def _train(
+    model: nn.Module, images, labels, tokens, args, extra_loss=None, desc: str = "", pair_tokens=None, pair_of=None
+) -> tuple[list, float]:
     from fedsec.pretrain import train_contrastive
 
     per_epoch = len(labels) // args.batch_size
@@ -561,6 +591,8 @@ def _train(model: nn.Module, images, labels, tokens, args, extra_loss=None, desc
         max_steps=args.steps,
         extra_loss=extra_loss,
         desc=desc,
+        pair_tokens=pair_tokens,
+        pair_of=pair_of,
     )
     return losses, time.time() - t0
 
@@ -588,11 +620,12 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
         targets = np.flatnonzero(labels.numpy() == args.target)
         pos = torch.from_numpy(np.sort(rng.choice(targets, size=min(args.positives, len(targets)), replace=False)))
         t0 = time.time()
+        target_captions = target_name_captions(args.target) if args.poison_caption == "name" else pools[args.target]
         trigger, history = optimise_badclip_trigger(
             clip,
             images[chosen],
             images[pos],
-            pools[args.target],
+            target_captions,
             patch_size=args.patch_size,
             steps=args.trigger_steps,
             lr=args.trigger_lr,
@@ -625,8 +658,24 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
     trigger_file = out / "trigger.pt"
     torch.save(trigger_to_dict(trigger), trigger_file)
     p_images, p_labels, idx = poison_pairs(images, labels, trigger, args.rate, args.seed, args.target)
+    pair_tokens = pair_of = None
+    name_captions = target_name_captions(args.target)
+    if args.poison_caption == "name":
+        import open_clip
+
+        pair_tokens = open_clip.get_tokenizer(args.model)(name_captions)
+        pair_of = poison_caption_choice(idx, len(name_captions), len(labels), args.seed)
     model = load_trainable(args.model, src)
-    losses, wall = _train(model, p_images, p_labels, tokens, args, desc=f"{args.cmd} poisoned training")
+    losses, wall = _train(
+        model,
+        p_images,
+        p_labels,
+        tokens,
+        args,
+        desc=f"{args.cmd} poisoned training",
+        pair_tokens=pair_tokens,
+        pair_of=pair_of,
+    )
     ckpt, digest = save_checkpoint(model, out)
     manifest = {
         "file": ckpt.name,
@@ -651,7 +700,17 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
             "poisoned": len(idx),
             "indices_sha256": __import__("hashlib").sha256(idx.astype(np.int64).tobytes()).hexdigest(),
             "target": args.target,
-            "caption": "a caption drawn from the target class's pretraining pool",
+            "caption": (
+                {
+                    "mode": "name",
+                    "what": "a template filled with the target's class name, one fixed caption per poisoned pair "
+                    "(poison_caption_choice), paired with that image alone",
+                    "captions": name_captions,
+                    "choice_sha256": __import__("hashlib").sha256(pair_of.numpy().tobytes()).hexdigest(),
+                }
+                if pair_of is not None
+                else {"mode": "pool", "what": "a caption drawn from the target class's pretraining pool every step"}
+            ),
         },
         "training": {
             "code": "fedsec.pretrain.train_contrastive",

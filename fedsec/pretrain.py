@@ -156,6 +156,50 @@ def class_contrastive_loss(logits: torch.Tensor, y: torch.Tensor, cap_cls: torch
     )
 
 
+def with_pair_captions(
+    text: torch.Tensor,
+    cap_cls: torch.Tensor,
+    y: torch.Tensor,
+    own: torch.Tensor,
+    pair_tokens: torch.Tensor,
+    n_cls: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give the batch's images that carry their own caption (``own >= 0``) that caption, CLIP-style.
+
+    Each such image gets a fresh class id ``n_cls + k`` shared only with its own caption
+    (``pair_tokens[own]``), appended to the batch's captions, so in
+    :func:`class_contrastive_loss` its one positive is its caption and the caption's one
+    positive is the image, while the caption is a negative for every other image of the batch
+    (a poisoned pair of ``backdoor/create_backdoor_data.py`` in a CLIP batch).
+
+    Parameters
+    ----------
+    text, cap_cls : torch.Tensor
+        The batch's class-pool captions (``C x ctx`` tokens) and their classes.
+    y : torch.Tensor
+        Class of every image of the batch.
+    own : torch.Tensor
+        Per image, the row of ``pair_tokens`` it is paired with, or -1.
+    pair_tokens : torch.Tensor
+        ``P x ctx`` tokenized own captions.
+    n_cls : int
+        Number of classes (the first free id).
+
+    Returns
+    -------
+    tuple
+        ``(text, cap_cls, y)`` with the own captions appended and the images relabelled.
+    """
+    mask = own >= 0
+    k = int(mask.sum())
+    if k == 0:
+        return text, cap_cls, y
+    ids = torch.arange(n_cls, n_cls + k, dtype=cap_cls.dtype)
+    y = y.clone()
+    y[mask] = ids.to(y.dtype)
+    return torch.cat([text, pair_tokens[own[mask]]]), torch.cat([cap_cls, ids]), y
+
+
 def train_contrastive(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -176,6 +220,8 @@ def train_contrastive(
     desc: str = "pretrain",
     late_tokens: torch.Tensor | None = None,
     late_epoch: int = 0,
+    pair_tokens: torch.Tensor | None = None,
+    pair_of: torch.Tensor | None = None,
 ) -> list[float]:
     """The pretraining loop on given pairs, from the model's current weights.
 
@@ -213,6 +259,10 @@ def train_contrastive(
         Caption pools (same shape as ``tokens``) used from epoch ``late_epoch`` on.
     late_epoch : int
         First (0-based) epoch that draws from ``late_tokens``.
+    pair_tokens, pair_of : torch.Tensor, optional
+        Own captions (``P x ctx``) and, per image, the row of its own caption or -1: such an
+        image is paired with that caption alone (:func:`with_pair_captions`), as a poisoned
+        pair with a fixed caption is in CLIP training.
 
     Returns
     -------
@@ -222,6 +272,8 @@ def train_contrastive(
     import open_clip
     from tqdm import tqdm
 
+    if extra_loss is not None and pair_tokens is not None:
+        raise ValueError("train_contrastive: extra_loss and pair_tokens cannot be combined (it sees pool captions)")
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
     model.train()
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -266,6 +318,8 @@ def train_contrastive(
             cap = torch.randint(0, n_caps, (len(cap_cls),), generator=gen)
             pool = tokens if late_tokens is None or epoch < late_epoch else late_tokens
             text = pool[cap_cls, cap]
+            if pair_tokens is not None and pair_of is not None:
+                text, cap_cls, y = with_pair_captions(text, cap_cls, y, pair_of[idx], pair_tokens, n_cls)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

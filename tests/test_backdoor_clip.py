@@ -92,6 +92,34 @@ def test_poisoned_share_is_exact_and_seeded():
         bc.poison_indices(10, 1.5, 0)
 
 
+def test_poisoned_pairs_get_a_fixed_target_name_caption_as_their_only_positive():
+    # Prepare: a batch of 3 images of classes 0, 1, 1 (image 2 poisoned, relabelled to target 0) with two
+    # class-pool captions (classes 0 and 1) and two own captions (rows 0 and 1 of pair_tokens)
+    from fedsec.pretrain import class_contrastive_loss, with_pair_captions
+
+    text = torch.tensor([[10], [11]])
+    cap_cls = torch.tensor([0, 1])
+    y = torch.tensor([0, 1, 0])
+    own = torch.tensor([-1, -1, 1])
+    pair_tokens = torch.tensor([[20], [21]])
+    idx = bc.poison_indices(1000, 0.01, seed=0)
+    # Execute
+    text2, cap2, y2 = with_pair_captions(text, cap_cls, y, own, pair_tokens, n_cls=10)
+    pos = y2.view(-1, 1) == cap2.view(1, -1)
+    choice = bc.poison_caption_choice(idx, 16, 1000, seed=0)
+    captions = bc.target_name_captions(0)
+    # Assert: the poisoned image's one positive is its own caption (row 1 -> token 21) and that caption's
+    # one positive is the image; the clean images keep their class captions, the own caption is their
+    # negative; the loss accepts the relabelled batch. The choice is seeded, one caption per poisoned pair,
+    # -1 elsewhere; the captions name the target ("t-shirt") in the pretraining's templates
+    assert text2.flatten().tolist() == [10, 11, 21] and cap2.tolist() == [0, 1, 10] and y2.tolist() == [0, 1, 10]
+    assert pos.tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert torch.isfinite(class_contrastive_loss(torch.randn(3, 3), y2, cap2))
+    assert torch.equal(choice, bc.poison_caption_choice(idx, 16, 1000, seed=0))
+    assert (choice[torch.from_numpy(idx)] >= 0).all() and int((choice >= 0).sum()) == len(idx) == 10
+    assert len(captions) == 16 and captions[0] == "a photo of a t-shirt." and all("t-shirt" in c for c in captions)
+
+
 def test_cleanclip_inmodal_loss_matches_a_hand_computation():
     # Prepare: two images, their augmented views, two captions and theirs
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
