@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14, items 2-5: build the backdoored CLIPs (BadCLIP, BadNets, Blended), defend each
-# (CleanCLIP, clean fine-tuning), evaluate all. Checkpoints go to runs/backdoored/ (git-ignored);
+# (CleanCLIP, clean fine-tuning), evaluate all. Checkpoints go to $R (git-ignored);
 # manifests and triggers are copied to experiments/results/backdoored/.
 # Every command is independent of the others except for its --source; run them in parallel
 # on a shared machine (one torch thread each). Budgets are the CLI's defaults (docs/badclip.md); poisoned captions
