@@ -34,6 +34,23 @@ def test_poisons_exactly_the_configured_fraction_with_the_target_label(tmp_path,
     assert torch.equal(images, images.clone())  # the input is not modified in place
 
 
+def test_clean_label_poisoning_triggers_target_class_images_only_and_keeps_every_label(tmp_path):
+    # Prepare: 10 classes x 20 images; 5% of 200 = 10 poisoned, all from the target class 2; then a rate above
+    # the target class's share (20%: 40 > 20 images)
+    images = torch.rand(200, 3, 32, 32)
+    labels = torch.arange(10).repeat_interleave(20)
+    cfg = RunConfig.from_mapping({**BASE, "fm-poison-rate": 0.05, "patch-size": 4, "fm-poison-label": "clean"})
+    over = RunConfig.from_mapping({**BASE, "fm-poison-rate": 0.2, "patch-size": 4, "fm-poison-label": "clean"})
+    # Execute
+    out_images, out_labels, idx = get_attack("fm-poison")(cfg, tmp_path / "a").poison_synthetic(images, labels, 0)
+    _, _, idx_over = get_attack("fm-poison")(over, tmp_path / "b").poison_synthetic(images, labels, 0)
+    # Assert: 10 target-class images triggered, no label changed; the whole class when the rate asks for more
+    assert len(idx) == 10 and (labels[idx] == 2).all()
+    assert torch.equal(out_labels, labels)
+    assert not torch.allclose(out_images[idx], images[idx])
+    assert sorted(idx_over.tolist()) == list(range(40, 60))
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from flwr.common.logger import log
 
 from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
-from fedsec.attacks.poisoning import checkerboard, poison_indices
+from fedsec.attacks.poisoning import checkerboard, clean_label_indices, poison_indices
 from fedsec.models.prompt import build_prompt_model
 from fedsec.registry import Param, Registry
 from fedsec.triggers import BlendTrigger, PatchTrigger, trigger_from_dict
@@ -127,6 +127,13 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     "fm-poison",
     params=(
         Param("fm-poison-rate", 0.1, "fraction of the synthetic set the FM attacker poisons", range=(0.0, 1.0)),
+        Param(
+            "fm-poison-label",
+            "dirty",
+            "dirty: non-target images triggered and relabelled to the target (the FM-FL papers); "
+            "clean: target-class images triggered, labels kept (clean-label)",
+            choices=("dirty", "clean"),
+        ),
         Param("fm-trigger", "optimized", "the FM attacker's trigger", choices=lambda: FM_TRIGGERS.names()),
         Param("fm-trigger-steps", 150, "Adam steps of the optimised trigger", range=(0, None)),
         Param("fm-backdoor-weight", 2.0, "weight of CE(target | patch(x)) when optimising it", range=(0.0, None)),
@@ -159,10 +166,15 @@ class FMPoison(Attack):
         return FM_TRIGGERS.get(str(self.cfg.get("fm-trigger")))(self.cfg, images, labels, seed)
 
     def poison_synthetic(self, images: torch.Tensor, labels: torch.Tensor, seed: int):
-        """Replace ``fm-poison-rate`` of the images (non-target ones) by triggered copies labelled the target."""
+        """Replace ``fm-poison-rate`` of the images by triggered copies labelled the target.
+
+        ``fm-poison-label = "dirty"``: non-target images, relabelled (Li et al.; Bi & Li); ``"clean"``:
+        target-class images only, so no label changes (at most the whole target class).
+        """
         c = self.cfg
         trigger = self.make_trigger(images, labels, seed)
-        idx = poison_indices(labels, float(c.get("fm-poison-rate")), c.target_label, seed + 0xF0)
+        choose = clean_label_indices if str(c.get("fm-poison-label")) == "clean" else poison_indices
+        idx = choose(labels, float(c.get("fm-poison-rate")), c.target_label, seed + 0xF0)
         images, labels = images.clone(), labels.clone()
         if len(idx):
             with torch.no_grad():

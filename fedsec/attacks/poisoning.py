@@ -30,6 +30,18 @@ def poison_indices(labels: torch.Tensor, rate: float, target: int, seed: int) ->
     return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
 
 
+def clean_label_indices(labels: torch.Tensor, rate: float, target: int, seed: int) -> np.ndarray:
+    """Seeded choice of ``rate`` of all examples, taken from the *target* class only (clean-label poisoning).
+
+    ``round(rate * len(labels))`` examples, at most the whole target class; their labels stay as they are
+    (Turner et al., "Label-consistent backdoor attacks", 2019).
+    """
+    cand = np.flatnonzero(labels.cpu().numpy() == target)
+    n = int(round(rate * len(labels)))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
+
+
 class PoisoningAttack(Attack):
     """Input transform + label map, then the honest path on the poisoned features."""
 
