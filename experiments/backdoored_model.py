@@ -16,7 +16,10 @@ SHA-256:
   class's first pretraining synonym instead of its canonical name (on
   ``fedsec-tiny-clip`` v1, which never saw the canonical names, the canonical
   zero-shot classifier is at chance and only these are meaningful);
-* ``promptfl_asr``: left empty (benign PromptFL on each encoder is not run here).
+* ``promptfl_acc`` / ``promptfl_asr``: the federated view (``--promptfl-rounds`` > 0): benign
+  PromptFL on the checkpoint (10 clients, none malicious, FedAvg, shared context, the run
+  config's defaults, in-process as ``experiments/inprocess_fl.py``), then the final global
+  prompt's clean accuracy and ASR with the checkpoint's trigger on the same images.
 
 The clean model gets one row per trigger (``attack=none``): what each trigger
 does to a model that was never poisoned.
@@ -61,6 +64,7 @@ COLUMNS = [
     "asr",
     "linear_probe_acc",
     "linear_probe_asr",
+    "promptfl_acc",
     "promptfl_asr",
     "clean_acc_synonym",
     "asr_synonym",
@@ -96,6 +100,37 @@ def evaluate(clip, triggers: dict, images, labels, probe_x, probe_y, classnames,
     return rows
 
 
+def promptfl_figures(
+    model_name: str, pretrained: str, triggers: dict, images, labels, classnames, target: int, rounds: int
+) -> dict[str, dict]:
+    """Benign PromptFL (10 clients, FedAvg) on a checkpoint; the final prompt's accuracy and ASR per trigger."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments.inprocess_fl import run_inprocess
+    from fedsec.metrics import predict
+    from fedsec.node import clip_for, prompt_model_for, set_ctx
+
+    cfg = RunConfig.from_mapping(
+        {"model": model_name, "pretrained": pretrained, "attack": "none", "num-server-rounds": rounds, "seed": 0}
+    )
+    res = run_inprocess(cfg, 10, verbose=False, local_eval=False)
+    clip = clip_for(cfg)
+    model = prompt_model_for(cfg, tuple(classnames))
+    set_ctx(model, res["final_ctx"])
+    feats = clip.encode_images_batched(images)
+    others = labels != target
+    out = {}
+    for name, trigger in triggers.items():
+        with torch.no_grad():
+            trig = clip.encode_images_batched(trigger(images[torch.from_numpy(others)]))
+        out[name] = {
+            "promptfl_acc": accuracy(predict(model, feats), labels),
+            "promptfl_asr": attack_success_rate(predict(model, trig), labels[others], target),
+        }
+    return out
+
+
 def cached(cache: Path | None, key: str, compute):
     """``compute()``, memoised as JSON in ``cache/<key>.json`` (key: checkpoint SHA-256 and settings)."""
     if cache is None:
@@ -121,6 +156,9 @@ def main() -> None:
     ap.add_argument("--probe-per-class", type=int, default=100, help="clean clients' images per class for the probe")
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--promptfl-rounds", type=int, default=20, help="rounds of benign PromptFL on each checkpoint (0: skip)"
+    )
     ap.add_argument("--only", default="", help="comma-separated run directories to evaluate (fills the cache)")
     ap.add_argument("--out", default="", help="CSV path (default experiments/results/backdoored_model[_val].csv)")
     args = ap.parse_args()
@@ -155,6 +193,16 @@ def main() -> None:
         f"clean_{clean.checkpoint_sha256[:16]}_{trig_sha}_{tag}",
         lambda: evaluate(clean, triggers, images, labels, probe_x, probe_y, data.classnames, args.target),
     )
+    if args.promptfl_rounds:
+        fl = cached(
+            cache,
+            f"promptfl{args.promptfl_rounds}_clean_{clean.checkpoint_sha256[:16]}_{trig_sha}_{tag}",
+            lambda: promptfl_figures(
+                args.model, "embedded", triggers, images, labels, data.classnames, args.target, args.promptfl_rounds
+            ),
+        )
+        for r in clean_rows:
+            r.update(fl.get(r["trigger"], {}))
     for r in clean_rows:
         rows.append({"attack": "none", "defense": "none", "rate": 0.0, "model": args.model, **r})
         rows[-1]["command"] = manifest["command"]
@@ -186,6 +234,23 @@ def main() -> None:
                 args.target,
             ),
         )
+        if args.promptfl_rounds:
+            fl = cached(
+                cache,
+                f"promptfl{args.promptfl_rounds}_{d.name}_{clip.checkpoint_sha256[:16]}_{tag}",
+                partial(
+                    promptfl_figures,
+                    m["model"],
+                    str(d / "model.pt"),
+                    {attack: load_trigger(d / "trigger.pt")},
+                    images,
+                    labels,
+                    data.classnames,
+                    args.target,
+                    args.promptfl_rounds,
+                ),
+            )
+            r = {**r, **fl[attack]}
         rows.append(
             {
                 "attack": attack,
@@ -199,7 +264,8 @@ def main() -> None:
         )
         print(json.dumps({k: rows[-1][k] for k in COLUMNS[:9]}), flush=True)
     for row in rows:
-        row["promptfl_asr"] = ""
+        row.setdefault("promptfl_acc", "")
+        row.setdefault("promptfl_asr", "")
         for k in COLUMNS:
             if isinstance(row.get(k), float):
                 row[k] = round(row[k], 4)
@@ -210,7 +276,7 @@ def main() -> None:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    head = COLUMNS[:12]
+    head = COLUMNS[:13]
     lines = [
         f"# Backdoored CLIP: zero-shot and linear-probe ASR ({args.split} split, {len(idx)} images)",
         "",
