@@ -5,7 +5,7 @@ Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
 training path. Only ``ctx`` leaves the node. A ``train`` message flagged
 ``fedsec-shadow`` (the server's benign-only shadow federation, :mod:`fedsec.shadow`)
-is trained honestly and without activation bounds. Activation bounds the server sends
+is trained honestly, whatever the node's role. Activation bounds the server sends
 (record ``"bounds"``) are applied as clamps in every evaluation, and in training
 unless ``bounds-client-training = false``.
 """
@@ -70,9 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     malicious = cfg.attack != "none" and pid in malicious_partitions(
         n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
     )
-    shadow = bool(msg.content["config"].get(SHADOW_FLAG, False))  # the benign-only baseline: honest, no bounds
-    if shadow:
-        bounds = None
+    shadow = bool(msg.content["config"].get(SHADOW_FLAG, False))  # the benign-only baseline: always honest
     attack_cls = get_attack(cfg.attack if malicious and not shadow else "none")
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):

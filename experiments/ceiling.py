@@ -34,6 +34,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -202,10 +203,13 @@ class TwinCache:
         """The twin of ``cfg`` if it was run before, else ``None``."""
         wanted = json.loads(json.dumps(self._key(cfg, clients), default=str))
         for path in sorted(self.root.glob("*.npz")) if self.root.exists() else []:
-            with np.load(path) as z:
-                stored = json.loads(str(z["key"])) if "key" in z.files else None
-                if stored is not None and self._compatible(stored, wanted):
-                    return {"ctx": z["ctx"], "acc": float(z["acc"])}
+            try:
+                with np.load(path) as z:
+                    stored = json.loads(str(z["key"])) if "key" in z.files else None
+                    if stored is not None and self._compatible(stored, wanted):
+                        return {"ctx": z["ctx"], "acc": float(z["acc"])}
+            except (OSError, ValueError, KeyError):  # unreadable: another process is writing it (see put)
+                continue
         return None
 
     def put(self, cfg: RunConfig, clients: int, ctx: np.ndarray, acc: float) -> dict:
@@ -213,7 +217,12 @@ class TwinCache:
         key = json.dumps(self._key(cfg, clients), sort_keys=True, default=str)
         path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, ctx=np.asarray(ctx), acc=np.float64(acc), key=key)
+        # Written aside and renamed: a --twins-only process beside the attacked cells never exposes half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        os.close(fd)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ctx=np.asarray(ctx), acc=np.float64(acc), key=key)
+        os.replace(tmp, path)
         return {"ctx": np.asarray(ctx), "acc": float(acc)}
 
     def adopt(self, cfg: RunConfig, clients: int, artifacts: Path, row: dict) -> None:
@@ -248,15 +257,19 @@ def partial_table(log_dir: Path) -> str:
 
     A cell's no-attack reference is the run without ASR in its own log or, failing that, in
     ``twin-<last part of the cell name>.txt`` (e.g. ``twin-seed0.txt`` for ``pool-seed0``), the
-    log of a ``--twins-only`` process.
+    log of a ``--twins-only`` process, if that log holds exactly one twin (cells sharing the suffix
+    share their no-attack twin, as cells differing only in attack keys do; otherwise no gap is given).
     """
     cols = ["cell", "attacked rounds seen", "ASR r10", "ASR r20", "ASR last", "min ASR last 5", "clean last"]
     cols += ["no-attack clean same round", "gap"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     log_dir = Path(log_dir)
 
-    def reference(runs: list) -> list | None:
-        return next((r for r in runs if all(a is None for _, a in r)), None)
+    def reference(runs: list, only: bool = False) -> list | None:
+        refs = [r for r in runs if all(a is None for _, a in r)]
+        if only and len(refs) != 1:
+            return None  # a twin log with several twins: which one belongs to the cell is unknown
+        return refs[0] if refs else None
 
     for log in sorted(log_dir.glob("*.txt")):
         if log.stem.startswith("twin-"):
@@ -266,7 +279,7 @@ def partial_table(log_dir: Path) -> str:
         ref = reference(runs)
         twin_log = log_dir / f"twin-{log.stem.rsplit('-', 1)[-1]}.txt"
         if ref is None and twin_log.exists():
-            ref = reference(runs_from_log(twin_log.read_text()))
+            ref = reference(runs_from_log(twin_log.read_text()), only=True)
         if att is None:
             lines.append(f"| {log.stem} | 0 | - | - | - | - | - | - | - |")
             continue

@@ -8,8 +8,9 @@ prompt that any federation trains (main job, session 8: 39.7% clean accuracy,
 under zero-shot; the trigger under it 0.0% against 77.7% under a real
 no-attack run). Here the benign clients train the shadow prompt itself: each
 round the server sends it to the round's benign nodes in a second ``train``
-message flagged :data:`SHADOW_FLAG` (the client trains honestly, without any
-attack or activation bounds), and the shadow moves by the example-weighted mean
+message flagged :data:`SHADOW_FLAG`, carrying the real round's config and
+records (FedProx's term, activation bounds) beside the shadow array; the client
+trains it honestly, whatever its role, and the shadow moves by the example-weighted mean
 of their updates (FedAvg, McMahan et al., AISTATS 2017) - a FedAvg federation of
 the benign clients alone, run beside the real one. It is measurement, like the
 rest of :mod:`fedsec.evaluation`: the strategy never sees these messages.
@@ -71,6 +72,7 @@ def shadow_round(
     weighted_by_key: str,
     metricrecord_key: str = "metrics",
     timeout: float | None = None,
+    template: RecordDict | None = None,
 ) -> tuple[np.ndarray, int]:
     """One round of the shadow federation: the benign nodes train ``shadow``; FedAvg of their updates.
 
@@ -89,17 +91,24 @@ def shadow_round(
         of the metrics.
     timeout : float, optional
         Seconds to wait for the replies.
+    template : RecordDict, optional
+        The real round's train content: its config (e.g. FedProx's ``proximal-mu``) and its other
+        records (e.g. activation bounds) go with the shadow too, so the benign clients train the
+        shadow exactly as they trained the real prompt; only the array differs. Not modified.
 
     Returns
     -------
     tuple
         The new shadow (``float32``, unchanged if no usable reply came) and the number of replies used.
     """
-    config = ConfigRecord({"server-round": int(server_round), SHADOW_FLAG: True})
+    records = {k: v for k, v in (template or {}).items() if k not in (arrayrecord_key, "config")}
+    config = ConfigRecord(
+        {**dict((template or {}).get("config", {})), "server-round": int(server_round), SHADOW_FLAG: True}
+    )
     messages = [
         Message(
             content=RecordDict(
-                {arrayrecord_key: ArrayRecord({array_name: Array(np.asarray(shadow))}), "config": config}
+                {**records, arrayrecord_key: ArrayRecord({array_name: Array(np.asarray(shadow))}), "config": config}
             ),
             message_type=MessageType.TRAIN,
             dst_node_id=int(node),

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -86,6 +86,13 @@ class Recorder(StrategyWrapper):
         self._sent = {k: v.numpy().copy() for k, v in arrays.items()}
         self._instructions = list(self.inner.configure_train(server_round + self.round_offset, arrays, config, grid))
         return self._instructions
+
+    def train_content(self) -> RecordDict | None:
+        """The content of this round's first train instruction (records and config the clients got), or ``None``.
+
+        For measurement beside the round (e.g. :mod:`fedsec.shadow`), which must not modify it.
+        """
+        return self._instructions[0].content if self._instructions else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -170,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
                 weighted_by_key=WEIGHTED_BY_KEY,
                 metricrecord_key=METRICRECORD_KEY,
                 timeout=cfg.round_timeout,
+                template=strategy.train_content(),
             )
             evaluation.set_shadow(shadow, replies)
         row = evaluation.evaluate_round(server_round + done, arrays["ctx"].numpy())

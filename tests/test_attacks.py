@@ -372,3 +372,49 @@ def test_badpromptfl_trigger_pool_gives_every_colluder_the_same_trigger_from_the
     assert torch.equal(pooled[2][0], pooled[2][3])
     assert torch.equal(pooled[2][0], pooled_reversed[2][0])
     assert not torch.equal(separate[2][0], separate[2][3])
+
+
+def test_badpromptfl_lookahead_fits_the_trigger_to_the_received_prompt_plus_the_honest_step(
+    random_clip, tmp_path, monkeypatch
+):
+    # Prepare: alternating mode with trigger-lookahead; the honest update from the same prompt, data and
+    # seed; a spy on the prompt each phase starts from
+    import fedsec.attacks.badpromptfl as bp
+
+    params = {"attack-mode": "alternating", "trigger-steps": 3, "local-steps": 4, "lr": 0.05, "patch-size": 4}
+    model, data, atk = _tiny_badpromptfl_setup(random_clip, tmp_path, **params, **{"trigger-lookahead": True})
+    received = model.prompt_learner.ctx.detach().clone()
+    honest = get_attack("none")(atk.cfg, tmp_path / "honest")
+    honest.run(model, data, random_clip, 1, 0, 5)
+    lookahead = model.prompt_learner.ctx.detach().clone()
+    model.prompt_learner.ctx.data.copy_(received)
+    starts = []
+    real_batches = bp.batches
+
+    def spy_batches(n, batch_size, steps, gen):
+        starts.append(model.prompt_learner.ctx.detach().clone())
+        yield from real_batches(n, batch_size, steps, gen)
+
+    monkeypatch.setattr(bp, "batches", spy_batches)
+    # Execute: one attack round with the same seed
+    atk.run(model, data, random_clip, 1, 0, 5)
+    # Assert: the trigger phase saw the received prompt moved by the honest step; the prompt phase starts
+    # again from the received prompt
+    assert not torch.equal(lookahead, received)
+    assert torch.allclose(starts[0], lookahead) and torch.equal(starts[1], received)
+
+
+def test_badpromptfl_pooled_and_lookahead_fits_refuse_joint_mode():
+    # Prepare / Execute / Assert: one clear error naming the keys and the mode they need
+    from fedsec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trigger-pool/trigger-lookahead = true needs attack-mode='alternating'"):
+        RunConfig.from_mapping(
+            {
+                "attack": "badpromptfl",
+                "num-malicious": 1,
+                "attack-mode": "joint",
+                "trigger-pool": True,
+                "trigger-lookahead": True,
+            }
+        )

@@ -70,3 +70,38 @@ def test_shadow_round_without_usable_replies_keeps_the_shadow():
     # Assert
     np.testing.assert_array_equal(new, shadow)
     assert used == 0
+
+
+def test_shadow_round_sends_the_real_rounds_config_and_records_with_the_shadow_array():
+    # Prepare: the real round's train content: FedProx's term in the config, a bounds record, the global array
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from tests.strategy_helpers import ctx_arrays
+
+    template = RecordDict(
+        {
+            "arrays": ctx_arrays(np.full((2, 2), 9.0, dtype=np.float32)),
+            "config": ConfigRecord({"server-round": 3, "proximal-mu": 0.1}),
+            "bounds": ArrayRecord({"ln_pre": ctx_arrays(np.ones(4, dtype=np.float32))["ctx"]}),
+        }
+    )
+    grid, shadow = _Grid(), np.zeros((2, 2), dtype=np.float32)
+    # Execute
+    with task_identity():
+        shadow_round(
+            grid,
+            3,
+            shadow,
+            [11],
+            array_name="ctx",
+            arrayrecord_key="arrays",
+            weighted_by_key="num-examples",
+            template=template,
+        )
+    # Assert: the config and the bounds travel, the array is the shadow's; the template is untouched
+    sent = grid.sent[0].content
+    assert sent["config"]["proximal-mu"] == 0.1 and sent["config"][SHADOW_FLAG]
+    np.testing.assert_array_equal(sent["bounds"]["ln_pre"].numpy(), np.ones(4))
+    np.testing.assert_array_equal(sent["arrays"]["ctx"].numpy(), shadow)
+    assert SHADOW_FLAG not in template["config"]
+    np.testing.assert_array_equal(template["arrays"]["ctx"].numpy(), np.full((2, 2), 9.0))

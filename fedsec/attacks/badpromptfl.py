@@ -33,6 +33,12 @@ images of all colluders, in partition-id order, with a generator seeded by the
 run and the round only, so every attacker computes the same trigger and trains
 its prompt with the trigger the evaluation uses (without pooling the
 evaluation averages the attackers' separately fitted patches).
+
+``trigger-lookahead`` (alternating mode): the trigger is fitted not to the
+received prompt but to where the benign clients are about to move it, estimated
+by the attacker's own honest update from it (its data, its seed): the trigger
+the evaluation reads after aggregation was fitted to a prompt one step stale
+otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ PARAMS: tuple[Param, ...] = (
     Param("stealth-weight", 5.0, "mu: weight of KL(global || local) on clean data", range=(0.0, None)),
     Param("trigger-separation", 2.0, "nu: weight pushing triggered features from the clean ones", range=(0.0, None)),
     Param(
+        "trigger-lookahead",
+        False,
+        "fit the trigger to the received prompt plus the attacker's own honest update (alternating mode)",
+    ),
+    Param(
         "trigger-pool",
         False,
         "colluders fit one trigger on their pooled images with a shared seed (alternating mode)",
@@ -97,6 +108,16 @@ def make_trigger(cfg, image_size: int, seed: int) -> torch.nn.Module:
 class BadPromptFL(Attack):
     """Joint (or alternating) optimisation of a shared trigger and the local prompt."""
 
+    @classmethod
+    def config_problem(cls, c) -> str | None:
+        """The pooled and look-ahead fits exist in alternating mode only."""
+        problem = super().config_problem(c)
+        if problem is None and str(c.get("attack-mode")) == "joint":
+            on = [k for k in ("trigger-pool", "trigger-lookahead") if bool(c.get(k))]
+            if on:
+                return f"run-config {'/'.join(on)} = true needs attack-mode='alternating' (joint has no trigger fit)"
+        return problem
+
     def current_trigger(self, server_round: int, image_size: int) -> torch.nn.Module:
         """The colluders' trigger from the previous round, or a fresh one (seeded by the run)."""
         state = self.store.load(before_round=server_round)
@@ -105,25 +126,26 @@ class BadPromptFL(Attack):
         return make_trigger(self.cfg, image_size, self.cfg.seed)
 
     def pooled_fit_data(
-        self, server_round: int, images: torch.Tensor, feats: torch.Tensor
+        self, server_round: int, images: torch.Tensor, clip
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Images, clean features and batch generator of the colluders' common trigger fit.
 
-        This attacker's own data is offered to the colluders (once); the pool is every colluder's
-        data offered before ``server_round`` plus this attacker's own, in partition-id order, so
-        from the round after the first the pool, and with the round-seeded generator the fitted
-        trigger, is the same on every attacker.
+        This attacker's own images are offered to the colluders (once); the pool is every colluder's
+        images offered before ``server_round`` plus this attacker's own, in partition-id order, so
+        from the round after every colluder's first attack the pool, and with the round-seeded
+        generator the fitted trigger, is the same on every attacker (up to non-deterministic
+        kernels on a GPU). A colluder that attacks for the first time fits on a pool the others
+        do not have yet for that one round.
         """
-        own = {"images": images.detach().cpu(), "features": feats.detach().cpu()}
+        own = {"images": images.detach().cpu()}
         self.store.share("fit-data", server_round, self.partition_id, own)
         pool = {**self.store.shared("fit-data", server_round), self.partition_id: own}
-        parts = [pool[k] for k in sorted(pool)]
+        pooled = torch.cat([pool[k]["images"] for k in sorted(pool)])
+        # Every attacker encodes the whole pool itself, under the encoder (and any bounds) of this round.
+        with torch.no_grad():
+            features = clip.encode_images_batched(pooled)
         gen = torch.Generator().manual_seed(int(self.cfg.seed) * 100_003 + server_round * 1_009 + 0xF17)
-        return (
-            torch.cat([p["images"] for p in parts]),
-            torch.cat([p["features"] for p in parts]),
-            gen,
-        )
+        return pooled, features, gen
 
     def local_train(self, model, data, clip, server_round: int, seed: int) -> dict[str, float]:
         c = self.cfg
@@ -160,8 +182,13 @@ class BadPromptFL(Attack):
             # Phase 1: the trigger against the current prompt; phase 2: the prompt with the trigger fixed.
             fit_images, fit_feats, fit_gen = images, feats, gen
             if bool(c.get("trigger-pool")):
-                fit_images, fit_feats, fit_gen = self.pooled_fit_data(server_round, images, feats)
+                fit_images, fit_feats, fit_gen = self.pooled_fit_data(server_round, images, clip)
                 fit_feats = fit_feats.to(dev)
+            received = None
+            if bool(c.get("trigger-lookahead")):
+                with torch.no_grad():
+                    received = ctx.detach().clone()
+                Attack.local_train(self, model, data, clip, server_round, seed)  # the honest step, in place
             fit_tgt = torch.full((len(fit_feats),), target, dtype=torch.long, device=dev)
             for idx in batches(len(fit_feats), c.batch_size, int(c.get("trigger-steps")), fit_gen):
                 f_trig = clip.encode_images(trigger(fit_images[idx].to(dev)))
@@ -173,6 +200,9 @@ class BadPromptFL(Attack):
                 loss.backward()
                 opt_trig.step()
                 trigger.project()
+            if received is not None:
+                with torch.no_grad():
+                    ctx.copy_(received)
             ctx.grad = None
         joint = mode == "joint" and train_trigger
         for idx in batches(len(labels), c.batch_size, steps, gen):
