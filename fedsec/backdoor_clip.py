@@ -183,14 +183,19 @@ def save_checkpoint(model: nn.Module, out_dir: Path) -> tuple[Path, str]:
 
 
 def write_manifest(manifest: dict, out_dir: Path, record_dir: Path | None, trigger: Path | None = None) -> Path:
-    """Write ``<out_dir>/model.json`` and copy it (and the trigger) to ``record_dir/<name>.*``."""
+    """Write ``<out_dir>/model.json`` and copy it (and the trigger) to ``record_dir/<folder>.<name>.*``.
+
+    ``<folder>`` is the parent folder of ``out_dir`` (e.g. ``backdoored-v2``), so builds of the same name
+    in different run folders (another model, another budget) keep separate records.
+    """
     path = out_dir / "model.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, record_dir / f"{out_dir.name}.json")
+        stem = f"{out_dir.parent.name}.{out_dir.name}"
+        shutil.copyfile(path, record_dir / f"{stem}.json")
         if trigger is not None:
-            shutil.copyfile(trigger, record_dir / f"{out_dir.name}.trigger.pt")
+            shutil.copyfile(trigger, record_dir / f"{stem}.trigger.pt")
     return path
 
 

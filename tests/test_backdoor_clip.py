@@ -174,8 +174,9 @@ def test_manifest_and_checksum_round_trip(tmp_path, random_checkpoint):
     clip = bc.load_checked(path)
     # Assert
     assert sha == digest == sha256_file(path) == manifest["sha256"] == clip.checkpoint_sha256
-    assert json.loads((rec / "badnets.json").read_text()) == manifest
-    assert torch.equal(bc.load_trigger(rec / "badnets.trigger.pt").patch, bc.checkerboard_trigger().patch)
+    assert json.loads((rec / f"{tmp_path.name}.badnets.json").read_text()) == manifest  # <run folder>.<name>
+    recorded = bc.load_trigger(rec / f"{tmp_path.name}.badnets.trigger.pt")
+    assert torch.equal(recorded.patch, bc.checkerboard_trigger().patch)
     ref = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     got = clip.model.state_dict()
     assert all(torch.equal(got[k].to(torch.float16), ref[k]) for k in ref)
@@ -215,5 +216,6 @@ def test_attack_and_defense_commands_end_to_end(tmp_path, random_checkpoint):
     assert m["command"].startswith("python -m fedsec.backdoor_clip badnets")
     assert d["defense"] == "cleanclip" and d["attack"] == "badnets" and d["source"]["sha256"] == m["sha256"]
     assert d["training"]["inmodal_weight"] == 1.0
-    assert (rec / "badnets.json").exists() and (rec / "badnets.trigger.pt").exists()
+    assert (rec / f"{tmp_path.name}.badnets.json").exists() and (rec / f"{tmp_path.name}.badnets.trigger.pt").exists()
+    assert m["poison"]["caption"]["mode"] == "name" and m["poison"]["caption"]["captions"][0] == "a photo of a t-shirt."
     assert bc.load_checked(tmp_path / "badnets+cleanclip" / "model.pt").checkpoint_sha256 == d["sha256"]
