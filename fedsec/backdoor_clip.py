@@ -532,6 +532,13 @@ def _common(ap: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> 
     ap.add_argument("--warmup-steps", type=int, default=warmup)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    ap.add_argument(
+        "--augment",
+        choices=("off", "on"),
+        default="off",
+        help="off: the images as they are (the authors' training code); on: the pretraining's random flip and "
+        "2-px shift (every build before session 9's rate sweep)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -598,6 +605,7 @@ def _train(
         desc=desc,
         pair_tokens=pair_tokens,
         pair_of=pair_of,
+        augment=args.augment == "on",
     )
     return losses, time.time() - t0
 
@@ -723,6 +731,7 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "warmup_steps": args.warmup_steps,
+            "augment": args.augment,
             "loss_every_50": losses,
             "wall_s": round(wall, 1),
         },
@@ -781,6 +790,7 @@ def run_defense(args: argparse.Namespace, argv: list[str]) -> dict:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "warmup_steps": args.warmup_steps,
+            "augment": args.augment,
             "loss_every_50": losses,
             "wall_s": round(wall, 1),
         },

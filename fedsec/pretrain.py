@@ -222,6 +222,7 @@ def train_contrastive(
     late_epoch: int = 0,
     pair_tokens: torch.Tensor | None = None,
     pair_of: torch.Tensor | None = None,
+    augment: bool = True,
 ) -> list[float]:
     """The pretraining loop on given pairs, from the model's current weights.
 
@@ -307,7 +308,7 @@ def train_contrastive(
             if step >= total:
                 break
             idx = perm[b * batch_size : (b + 1) * batch_size]
-            raw = _augment(images[idx], gen)
+            raw = _augment(images[idx], gen) if augment else images[idx]
             x = (raw - mean) / std
             y = labels[idx]
             # Class-aware contrastive loss (UniCL style): a few captions per
