@@ -176,7 +176,8 @@ class TwinCache:
     match and every key either has the same value in both configs or exists in
     only one of them at its current default (keys added to fedsec since the twin
     ran do not force a re-run, keys it no longer has are ignored; a changed value
-    always does).
+    always does). Attack keys never count: a twin runs without attack, and they were
+    reset to the attack defaults of the day it ran (which change, as in session 8).
     """
 
     def __init__(self, root: Path) -> None:
@@ -188,10 +189,15 @@ class TwinCache:
 
     @staticmethod
     def _compatible(stored: dict, wanted: dict) -> bool:
+        from fedsec.attacks.base import ATTACKS
+
         defaults = RunConfig.from_mapping({}).to_dict()
+        attack_keys = {p.key for p in ATTACKS.params()} - {"attack"}
         for k in set(stored) | set(wanted):
             if k not in defaults and k not in ("clients", "checkpoint_sha256"):
                 continue  # a key fedsec no longer has cannot change today's run
+            if k in attack_keys:
+                continue  # a twin runs without attack: its attack keys (reset to the defaults of its day) do nothing
             if k in stored and k in wanted:
                 if json.dumps(stored[k], default=str) != json.dumps(wanted[k], default=str):
                     return False

@@ -148,3 +148,24 @@ def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
     # Execute / Assert: the missing key at its default still hits; a non-default value misses
     assert twins.get(cfg, clients) is not None
     assert twins.get(changed, clients) is None
+
+
+def test_twin_cache_ignores_attack_keys_whose_defaults_changed(tmp_path, monkeypatch):
+    # Prepare: a twin stored when BadPromptFL's defaults were the joint design (attack keys reset to them)
+    import json
+
+    import numpy as np
+
+    import experiments.ceiling as ceiling
+
+    monkeypatch.setattr(ceiling, "clip_for", lambda cfg: type("C", (), {"checkpoint_sha256": "ab" * 32})())
+    twins = ceiling.TwinCache(tmp_path / "twins")
+    cfg, clients = ceiling.cell_config({"seed": 1}, {"name": "x", "clients": 10}, attack=False)
+    twins.put(cfg, clients, np.ones((1, 4)), 0.5)
+    path = next((tmp_path / "twins").glob("*.npz"))
+    with np.load(path) as z:
+        key = json.loads(str(z["key"]))
+    key.update({"attack-mode": "joint", "backdoor-weight": 2.0, "attack-lr": 0.005})
+    np.savez(path, ctx=np.ones((1, 4)), acc=np.float64(0.5), key=json.dumps(key))
+    # Execute / Assert: today's twin config still hits it
+    assert twins.get(cfg, clients) is not None
