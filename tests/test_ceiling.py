@@ -127,8 +127,8 @@ def test_twin_cache_round_trips_and_keys_on_the_whole_config(tmp_path, monkeypat
     assert twins.get(other, clients) is None and twins.get(cfg, 9) is None
 
 
-def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
-    # Prepare: a twin stored before a key existed (simulated by dropping a key from the stored config)
+def _twin_with_edited_key(tmp_path, monkeypatch, edit) -> tuple:
+    """A stored twin of seed 1 (stand-in checkpoint hash) whose stored config key ``edit`` changed in place."""
     import json
 
     import numpy as np
@@ -142,8 +142,16 @@ def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
     path = next((tmp_path / "twins").glob("*.npz"))
     with np.load(path) as z:
         key = json.loads(str(z["key"]))
-    key.pop("k-shot")
+    edit(key)
     np.savez(path, ctx=np.ones((1, 4)), acc=np.float64(0.5), key=json.dumps(key))
+    return twins, cfg, clients
+
+
+def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
+    # Prepare: a twin stored before a key existed (simulated by dropping a key from the stored config)
+    import experiments.ceiling as ceiling
+
+    twins, cfg, clients = _twin_with_edited_key(tmp_path, monkeypatch, lambda key: key.pop("k-shot"))
     changed, _ = ceiling.cell_config({"seed": 1, "k-shot": 8}, {"name": "x", "clients": 10}, attack=False)
     # Execute / Assert: the missing key at its default still hits; a non-default value misses
     assert twins.get(cfg, clients) is not None
@@ -152,20 +160,7 @@ def test_twin_cache_survives_new_keys_at_their_defaults(tmp_path, monkeypatch):
 
 def test_twin_cache_ignores_attack_keys_whose_defaults_changed(tmp_path, monkeypatch):
     # Prepare: a twin stored when BadPromptFL's defaults were the joint design (attack keys reset to them)
-    import json
-
-    import numpy as np
-
-    import experiments.ceiling as ceiling
-
-    monkeypatch.setattr(ceiling, "clip_for", lambda cfg: type("C", (), {"checkpoint_sha256": "ab" * 32})())
-    twins = ceiling.TwinCache(tmp_path / "twins")
-    cfg, clients = ceiling.cell_config({"seed": 1}, {"name": "x", "clients": 10}, attack=False)
-    twins.put(cfg, clients, np.ones((1, 4)), 0.5)
-    path = next((tmp_path / "twins").glob("*.npz"))
-    with np.load(path) as z:
-        key = json.loads(str(z["key"]))
-    key.update({"attack-mode": "joint", "backdoor-weight": 2.0, "attack-lr": 0.005})
-    np.savez(path, ctx=np.ones((1, 4)), acc=np.float64(0.5), key=json.dumps(key))
+    joint = {"attack-mode": "joint", "backdoor-weight": 2.0, "attack-lr": 0.005}
+    twins, cfg, clients = _twin_with_edited_key(tmp_path, monkeypatch, lambda key: key.update(joint))
     # Execute / Assert: today's twin config still hits it
     assert twins.get(cfg, clients) is not None
