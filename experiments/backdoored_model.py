@@ -118,14 +118,14 @@ def promptfl_figures(
     clip = clip_for(cfg)
     model = prompt_model_for(cfg, tuple(classnames))
     set_ctx(model, res["final_ctx"])
-    feats = clip.encode_images_batched(images)
+    acc = accuracy(predict(model, clip.encode_images_batched(images)), labels)  # one prompt: once for every trigger
     others = labels != target
     out = {}
     for name, trigger in triggers.items():
         with torch.no_grad():
             trig = clip.encode_images_batched(trigger(images[torch.from_numpy(others)]))
         out[name] = {
-            "promptfl_acc": accuracy(predict(model, feats), labels),
+            "promptfl_acc": acc,
             "promptfl_asr": attack_success_rate(predict(model, trig), labels[others], target),
         }
     return out
