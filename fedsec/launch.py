@@ -7,7 +7,7 @@ hand, with the pitfalls handled:
   installation, no telemetry or update checks, ``HF_HUB_OFFLINE=1``;
 * a local simulation SuperLink started by us (the one ``flwr run`` would
   start itself keeps running afterwards), stopped by its PID at the end;
-* an absolute run directory (the SuperLink's working directory is not ours);
+* an absolute run directory and checkpoint path (the SuperLink's working directory is not ours);
 * a progress bar over rounds, the Flower log kept in ``<run-dir>/flwr.log`` (each line prefixed
   with the seconds since launch),
   and a results table at the end.
@@ -428,6 +428,21 @@ def resolve_run_dir(values: dict[str, object], env: dict[str, str]) -> Path:
     return (p if p.is_absolute() else Path.cwd() / p).resolve()
 
 
+def absolute_paths(values: dict[str, object]) -> None:
+    """Make ``pretrained``, ``data-root`` and every component key declared ``path=True`` absolute where they exist.
+
+    The SuperLink runs the apps in its own working directory, so ``runs/x/model.pt`` would name
+    another file there. Values that name nothing here (an open_clip tag, ``embedded``) stay as they are.
+    """
+    from fedsec.config import component_params
+
+    for key in ("pretrained", "data-root", *(p.key for p in component_params() if p.path)):
+        raw = str(values.get(key, "") or "")
+        path = Path(raw).expanduser()
+        if raw and not path.is_absolute() and path.exists():
+            values[key] = str(path.absolute())
+
+
 def prepare(
     app_dir: Path,
     overrides: dict[str, object],
@@ -458,6 +473,7 @@ def prepare(
     check_keys(values, defaults, num_supernodes)  # keys, types, ranges, federation: before any heavy import
     run_dir = resolve_run_dir(values, env)
     values["run-dir"] = str(run_dir)
+    absolute_paths(values)
     cfg = check_config(values, num_nodes=num_supernodes)
     try:
         claim(run_dir, cfg.to_dict(), cfg.resume)

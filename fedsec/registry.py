@@ -83,6 +83,9 @@ class Param:
         themselves registry names).
     range : tuple, optional
         ``(low, high)`` inclusive bounds of a number; ``None`` = unbounded side.
+    path : bool
+        The value is a file or folder path: a relative one that exists is made
+        absolute at launch (the SuperLink's working directory is not the user's).
     """
 
     key: str
@@ -90,6 +93,7 @@ class Param:
     doc: str
     choices: tuple[str, ...] | Callable[[], Sequence[str]] | None = None
     range: tuple[float | None, float | None] | None = None
+    path: bool = False
 
     @property
     def type(self) -> type:

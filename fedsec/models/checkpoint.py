@@ -92,6 +92,9 @@ def check_checkpoint(model_name: str, path: str | Path, max_listed: int = 3) -> 
     import torch
     from open_clip.factory import convert_state_dict
 
+    from fedsec.models.factory import register_configs
+
+    register_configs()  # fedsec's JSON architectures (the embedded models) next to open_clip's
     sd = read_state_dict(path)
     logging.disable(logging.WARNING)  # open_clip warns that a model without weights is random: it is meant to be
     try:

@@ -25,7 +25,9 @@ def _norm(name: str) -> str:
     return name.replace("_", " ").strip().lower()
 
 
-@register_source("folder", params=(Param("synthetic-root", "", "ImageFolder root of FM-generated images"), IMAGE_SIZE))
+@register_source(
+    "folder", params=(Param("synthetic-root", "", "ImageFolder root of FM-generated images", path=True), IMAGE_SIZE)
+)
 class FolderSource(SyntheticSource):
     """Images from ``synthetic-root`` in ImageFolder layout, resized to ``synthetic-image-size``."""
 
