@@ -156,6 +156,8 @@ class Evaluation:
         trigger = self.attack.load_trigger()
         if trigger is None:
             return {"asr": None}
+        if self.attack.honest_federation:  # nobody attacks the federation: the global prompt is the benign-only one
+            self.shadow_ctx = np.asarray(ctx, dtype=np.float32).copy()
         idx = np.flatnonzero(self.test.labels != self.cfg.target_label) if full else self.asr_idx
         if full:
             self.final_trigger = {"state": trigger.state(), "sources": trigger_sources(self.attack.store, self.run_dir)}

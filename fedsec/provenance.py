@@ -111,6 +111,9 @@ def write_provenance(ev) -> None:
             "the benign clients alone, trained by them beside the real one (fedsec/shadow.py; shadow_replies per "
             "round); its clean accuracy is shadow_clean_acc"
             if ev.shadow_federation
+            else "the same trigger under the global prompt itself (shadow_ctx = ctx): no client and no server-side "
+            "data is attacked, so the global prompt is the benign-only prompt"
+            if ev.attack.honest_federation
             else "the same trigger under shadow_ctx (checkpoints/round_NNNN.npz): the initial prompt plus the running "
             "sum of the benign clients' mean update (shadow-federation = false, or no client-side attacker; "
             "docs/reevaluate.md); its clean accuracy is shadow_clean_acc: a shadow far below the global prompt's "

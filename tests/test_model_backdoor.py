@@ -114,3 +114,34 @@ def test_a_local_checkpoint_of_an_embedded_architecture_passes_preflight_in_a_fr
 
     # Assert
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_benign_only_baseline_of_an_honest_federation_is_the_global_prompt_itself(tmp_path):
+    # Prepare: a model-backdoor evaluation (no malicious client) on the small digits set, random weights,
+    # and a global prompt far from the initial one (as after rounds of a robust rule)
+    import numpy as np
+
+    from fedsec.evaluation import Evaluation
+    from fedsec.rundir import RunDir
+
+    folder, _ = _checkpoint_dir(tmp_path)
+    values = {
+        "attack": "model-backdoor",
+        "model-trigger": str(folder / "trigger.pt"),
+        "dataset": "digits",
+        "model": "fedsec-tiny-clip",
+        "pretrained": "none",
+        "eval-samples": 60,
+        "asr-eval-samples": 40,
+    }
+    cfg = RunConfig.from_mapping(values)
+    ev = Evaluation(cfg, RunDir.create(tmp_path / "run", cfg.to_dict()), num_partitions=4)
+    ctx = ev.initial_ctx() + np.random.default_rng(0).normal(0, 0.5, ev.initial_ctx().shape).astype(np.float32)
+
+    # Execute
+    row = ev.backdoor_metrics(ctx, server_round=1)
+
+    # Assert: the trigger alone under the benign-only prompt is the ASR itself, and the shadow is the global prompt
+    assert row["trigger_only_asr"] == row["asr"]
+    np.testing.assert_array_equal(ev.shadow_ctx, ctx)
+    assert ev.malicious == []

@@ -106,6 +106,9 @@ class Attack:
     params: ClassVar[tuple[Param, ...]] = ()
     #: Whether the attack runs on malicious clients (False: server-side, e.g. ``fm-poison``).
     client_side: ClassVar[bool] = True
+    #: Whether the federation itself is untouched (no client update, no server data attacked, e.g.
+    #: ``model-backdoor``): the global prompt is then the benign-only prompt of the trigger baseline.
+    honest_federation: ClassVar[bool] = False
 
     def __init__(self, cfg, store: Path) -> None:
         from fedsec.attacks.store import AttackerStore

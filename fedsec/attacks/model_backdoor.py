@@ -48,6 +48,7 @@ class ModelBackdoor(Attack):
     """A backdoor carried by the frozen encoders; the federation is honest and ASR uses the model's trigger."""
 
     client_side = False
+    honest_federation = True
 
     @classmethod
     def config_problem(cls, c) -> str | None:
