@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from fedsec.models.factory import PretrainedUnavailable
+from fedsec.models.factory import PretrainedUnavailable, register_configs
 
 
 class CheckpointMismatch(PretrainedUnavailable):
@@ -91,8 +91,6 @@ def check_checkpoint(model_name: str, path: str | Path, max_listed: int = 3) -> 
     import open_clip
     import torch
     from open_clip.factory import convert_state_dict
-
-    from fedsec.models.factory import register_configs
 
     register_configs()  # fedsec's JSON architectures (the embedded models) next to open_clip's
     sd = read_state_dict(path)
