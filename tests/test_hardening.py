@@ -353,12 +353,19 @@ def test_checkpoint_of_another_architecture_names_the_mismatch(tmp_path, random_
     open_clip.add_model_config(tmp_path / "cfg")
     good = tmp_path / "tiny.pt"
     torch.save(random_clip.model.state_dict(), good)
-    # Execute / Assert: the mismatch is named before open_clip tries to load it
-    with pytest.raises(CheckpointMismatch, match=r"does not fit model 'fedsec-test-narrow': \d+ shape mismatches \("):
-        check_checkpoint("fedsec-test-narrow", good)
-    with pytest.raises(CheckpointMismatch, match=r"vs model \["):
-        create_clip("fedsec-test-narrow", str(good))
-    check_checkpoint("fedsec-tiny-clip", good)  # the right model loads it
+    try:
+        # Execute / Assert: the mismatch is named before open_clip tries to load it
+        with pytest.raises(
+            CheckpointMismatch, match=r"does not fit model 'fedsec-test-narrow': \d+ shape mismatches \("
+        ):
+            check_checkpoint("fedsec-test-narrow", good)
+        with pytest.raises(CheckpointMismatch, match=r"vs model \["):
+            create_clip("fedsec-test-narrow", str(good))
+        check_checkpoint("fedsec-tiny-clip", good)  # the right model loads it
+    finally:  # open_clip's registry is global: the test model must not leak into test_catalog's comparison
+        from open_clip.factory import _MODEL_CONFIGS
+
+        _MODEL_CONFIGS.pop("fedsec-test-narrow", None)
 
 
 # ---------------------------------------------------------------- 11: client-reported sizes, FoolsGold
