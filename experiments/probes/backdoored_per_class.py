@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backdoored_model import text_classifier  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: the repository root, so experiments.* imports as everywhere else
+    sys.path.insert(0, str(ROOT))
 
+from experiments.backdoored_model import text_classifier  # noqa: E402
 from fedsec.backdoor_clip import load_checked  # noqa: E402
 from fedsec.data import load_dataset, prepare_images  # noqa: E402
 from fedsec.models.factory import create_clip  # noqa: E402
