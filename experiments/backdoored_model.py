@@ -75,9 +75,9 @@ COLUMNS = [
 
 @torch.no_grad()
 def text_classifier(clip, names: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
-    """L2-normalised text features of ``template`` filled with each class name."""
-    tokens = clip.tokenizer([template.format(n) for n in names])
-    return F.normalize(clip.model.encode_text(tokens), dim=-1)
+    """L2-normalised text features of ``template`` filled with each class name (on the CPU)."""
+    tokens = clip.tokenizer([template.format(n) for n in names]).to(clip.device)
+    return F.normalize(clip.model.encode_text(tokens), dim=-1).cpu()
 
 
 def evaluate(clip, triggers: dict, images, labels, probe_x, probe_y, classnames, target: int) -> list[dict]:
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--probe-per-class", type=int, default=100, help="clean clients' images per class for the probe")
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device of the encoders (cpu, cuda, ...)")
     ap.add_argument(
         "--promptfl-rounds", type=int, default=20, help="rounds of benign PromptFL on each checkpoint (0: skip)"
     )
@@ -185,7 +186,7 @@ def main() -> None:
     cache = runs / "eval_cache"
     tag = f"{args.split}_{args.samples}_{args.probe_per_class}_{args.target}"
     rows = []
-    clean = create_clip(args.model, "embedded")
+    clean = create_clip(args.model, "embedded", device=args.device)
     manifest = embedded_manifest(args.model)
     trig_sha = "_".join(sha256_file(runs / a / "trigger.pt")[:8] for a in triggers)
     clean_rows = cached(
@@ -212,7 +213,7 @@ def main() -> None:
             continue
         if args.only and d.name not in args.only.split(","):
             continue
-        clip = load_checked(d / "model.pt")
+        clip = load_checked(d / "model.pt", device=args.device)
         m = json.loads((d / "model.json").read_text())
         attack, defense = m.get("attack", "none"), m.get("defense", "none")
         rate = m.get("poison", {}).get("rate")

@@ -118,7 +118,9 @@ def source_of(model_name: str, source: str) -> tuple[Path, str, dict]:
     return Path(path), digest, manifest
 
 
-def load_checked(checkpoint: str | Path, model_name: str = "", expected_sha256: str = "") -> FrozenCLIP:
+def load_checked(
+    checkpoint: str | Path, model_name: str = "", expected_sha256: str = "", device: str = "cpu"
+) -> FrozenCLIP:
     """Load a (backdoored or defended) checkpoint as a frozen CLIP, verified against its manifest.
 
     Parameters
@@ -129,6 +131,8 @@ def load_checked(checkpoint: str | Path, model_name: str = "", expected_sha256: 
         open_clip config (default: the manifest's).
     expected_sha256 : str
         Overrides the manifest's checksum (a wrong one must refuse to load).
+    device : str
+        Where the model lives.
 
     Raises
     ------
@@ -139,6 +143,7 @@ def load_checked(checkpoint: str | Path, model_name: str = "", expected_sha256: 
     return create_clip(
         model_name or manifest["model"],
         str(checkpoint),
+        device=device,
         expected_sha256=expected_sha256 or manifest["sha256"],
     )
 
@@ -173,11 +178,18 @@ def load_trainable(model_name: str, checkpoint: Path) -> nn.Module:
     return model
 
 
+def device_name(device: str) -> str:
+    """``device`` as recorded in a manifest, with the GPU's name on CUDA."""
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda") else device
+
+
 def save_checkpoint(model: nn.Module, out_dir: Path) -> tuple[Path, str]:
     """Write the fp16 state dict as ``<out_dir>/model.pt`` (as the pretraining does); return path and SHA-256."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.pt"
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().to(torch.float16) if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()
+    }
     torch.save(state, path)
     return path, sha256_file(path)
 
@@ -421,17 +433,18 @@ def optimise_badclip_trigger(
     """
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    dev = clip.device
     init = np.clip(rng.normal(0.5, 0.25, size=(1, 3, patch_size, patch_size)), 0, 1)
-    patch = torch.tensor(init, dtype=torch.float32, requires_grad=True)
+    patch = torch.tensor(init, dtype=torch.float32, device=dev, requires_grad=True)
     opt = torch.optim.Adam([patch], lr=lr)
     top = centre_offset(clip.image_size, patch_size)
     with torch.no_grad():
         tok = clip.tokenizer(captions)
         aug_tok = clip.tokenizer([eda_lite(c, rng) for c in captions])
-        text = F.normalize(clip.model.encode_text(tok), dim=-1)
-        aug_text = F.normalize(clip.model.encode_text(aug_tok), dim=-1)
-    pos_embeds = clip.encode_images_batched(target_images)
-    clean_embeds = clip.encode_images_batched(images)
+        text = F.normalize(clip.model.encode_text(tok.to(dev)), dim=-1)
+        aug_text = F.normalize(clip.model.encode_text(aug_tok.to(dev)), dim=-1)
+    pos_embeds = clip.encode_images_batched(target_images).to(dev)
+    clean_embeds = clip.encode_images_batched(images).to(dev)
     scale = clip.logit_scale
     history, acc = [], {"img_text": 0.0, "triplet": 0.0}
     per_epoch = max(1, len(images) // batch_size)
@@ -446,11 +459,11 @@ def optimise_badclip_trigger(
             with torch.no_grad():
                 neg = clip.encode_images(x)
         else:
-            neg = clean_embeds[rows]
+            neg = clean_embeds[rows.to(dev)]
         cap = torch.randint(0, len(captions), (len(rows),), generator=gen)
-        txt = (aug_text if torch.rand(1, generator=gen).item() < eda_prob else text)[cap]
-        pos = pos_embeds[torch.randperm(len(pos_embeds), generator=gen)[: len(rows)]]
-        patched = x.clone()
+        txt = (aug_text if torch.rand(1, generator=gen).item() < eda_prob else text)[cap.to(dev)]
+        pos = pos_embeds[torch.randperm(len(pos_embeds), generator=gen)[: len(rows)].to(dev)]
+        patched = x.to(dev, copy=True)
         patched[:, :, top : top + patch_size, top : top + patch_size] = patch.clamp(0.0, 1.0)[0]
         losses = badclip_trigger_loss(clip.encode_images(patched), txt, pos, neg, scale, margin, triplet_weight)
         loss = losses["img_text"] + losses["triplet"]
@@ -464,7 +477,7 @@ def optimise_badclip_trigger(
             history.append({"step": step + 1, **{k: round(v / n, 5) for k, v in acc.items()}})
             print(json.dumps({"trigger": history[-1]}), flush=True)
             acc = dict.fromkeys(acc, 0.0)
-    trigger = PatchTrigger(clip.image_size, patch_size, top, top, patch.detach()[0].clamp(0.0, 1.0))
+    trigger = PatchTrigger(clip.image_size, patch_size, top, top, patch.detach()[0].clamp(0.0, 1.0).cpu())
     return trigger, history
 
 
@@ -504,9 +517,10 @@ def cleanclip_extra_loss(aug_tokens: torch.Tensor, inmodal_weight: float = 1.0):
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
     def extra(model: nn.Module, batch: dict) -> torch.Tensor:
-        aug = (auto_augment(batch["x"], batch["gen"]) - mean) / std
+        dev = batch.get("device", torch.device("cpu"))
+        aug = ((auto_augment(batch["x"], batch["gen"]) - mean) / std).to(dev)
         aug_img_f = F.normalize(model.encode_image(aug), dim=-1)
-        aug_txt_f = F.normalize(model.encode_text(aug_tokens[batch["cap_cls"], batch["cap"]]), dim=-1)
+        aug_txt_f = F.normalize(model.encode_text(aug_tokens[batch["cap_cls"], batch["cap"]].to(dev)), dim=-1)
         scale = model.logit_scale.exp()
         return inmodal_weight * inmodal_loss(
             batch["img_f"].float(), aug_img_f.float(), batch["txt_f"].float(), aug_txt_f.float(), scale
@@ -532,6 +546,7 @@ def _common(ap: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> 
     ap.add_argument("--warmup-steps", type=int, default=warmup)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda, cuda:1, ...)")
     ap.add_argument(
         "--augment",
         choices=("off", "on"),
@@ -606,6 +621,7 @@ def _train(
         pair_tokens=pair_tokens,
         pair_of=pair_of,
         augment=args.augment == "on",
+        device=args.device,
     )
     return losses, time.time() - t0
 
@@ -625,7 +641,7 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
         trigger = load_trigger(args.trigger)
         info = {"reused": str(args.trigger)}
     elif args.cmd == "badclip":
-        clip = create_clip(args.model, str(src), expected_sha256=src_sha)
+        clip = create_clip(args.model, str(src), device=args.device, expected_sha256=src_sha)
         rng = np.random.default_rng([args.seed, 13])
         others = np.flatnonzero(labels.numpy() != args.target)
         n_img = min(args.trigger_images, len(others))
@@ -737,6 +753,7 @@ def run_attack(args: argparse.Namespace, argv: list[str]) -> dict:
         },
         "build_wall_s": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
+        "device": device_name(args.device),
         "loadavg_start_end": [round(load0[0], 1), round(os.getloadavg()[0], 1)],
         "torch": torch.__version__,
     }
@@ -796,6 +813,7 @@ def run_defense(args: argparse.Namespace, argv: list[str]) -> dict:
         },
         "build_wall_s": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
+        "device": device_name(args.device),
         "loadavg_start_end": [round(load0[0], 1), round(os.getloadavg()[0], 1)],
         "torch": torch.__version__,
     }

@@ -223,6 +223,7 @@ def train_contrastive(
     pair_tokens: torch.Tensor | None = None,
     pair_of: torch.Tensor | None = None,
     augment: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[float]:
     """The pretraining loop on given pairs, from the model's current weights.
 
@@ -264,6 +265,12 @@ def train_contrastive(
         Own captions (``P x ctx``) and, per image, the row of its own caption or -1: such an
         image is paired with that caption alone (:func:`with_pair_captions`), as a poisoned
         pair with a fixed caption is in CLIP training.
+    augment : bool
+        The random flip and 2-px shift of :func:`_augment` on every image.
+    device : str or torch.device
+        Where the model is trained. Every random draw stays on the CPU generator ``gen`` and each
+        batch moves to ``device`` just before the forward pass, so the batches are the same on
+        every device (the weights differ in float rounding only).
 
     Returns
     -------
@@ -276,9 +283,10 @@ def train_contrastive(
     if extra_loss is not None and pair_tokens is not None:
         raise ValueError("train_contrastive: extra_loss and pair_tokens cannot be combined (it sees pool captions)")
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    model.train()
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    device = torch.device(device)
+    model.to(device).train()
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
     n_cls, n_caps = tokens.shape[0], tokens.shape[1]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -309,7 +317,7 @@ def train_contrastive(
                 break
             idx = perm[b * batch_size : (b + 1) * batch_size]
             raw = _augment(images[idx], gen) if augment else images[idx]
-            x = (raw - mean) / std
+            x = (raw.to(device) - mean) / std
             y = labels[idx]
             # Class-aware contrastive loss (UniCL style): a few captions per
             # class in every batch; an image's positives are all captions of
@@ -323,13 +331,14 @@ def train_contrastive(
                 text, cap_cls, y = with_pair_captions(text, cap_cls, y, pair_of[idx], pair_tokens, n_cls)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 img_f = F.normalize(model.encode_image(x), dim=-1)
-                txt_f = F.normalize(model.encode_text(text), dim=-1)
+                txt_f = F.normalize(model.encode_text(text.to(device)), dim=-1)
                 logits = model.logit_scale.exp() * img_f.float() @ txt_f.float().T
-            loss = class_contrastive_loss(logits, y, cap_cls)
+            loss = class_contrastive_loss(logits, y.to(device), cap_cls.to(device))
             if extra_loss is not None:
                 batch = {"x": raw, "img_f": img_f, "txt_f": txt_f, "text": text, "cap_cls": cap_cls, "cap": cap}
+                batch["device"] = device
                 loss = loss + extra_loss(model, {**batch, "y": y, "gen": gen})
             opt.zero_grad(set_to_none=True)
             loss.backward()
