@@ -12,7 +12,7 @@
 #                       is half of the training images, so the whole file travels)
 #   .gpu-carry/whl-bd/  open_clip_torch, ftfy and wcwidth wheels (the GPU image has torch, torchvision, sklearn, tqdm)
 #
-# Usage: OUT=/some/dir bash experiments/gpu_backdoored.sh
+# Usage: OUT=/some/dir [SEEDS="0 1 2"] [RATES="03:0.03 01:0.01"] [PAPER=1] bash experiments/gpu_backdoored.sh
 #        SMOKE=1 OUT=/tmp/x bash experiments/gpu_backdoored.sh    # CPU plumbing check: 3 steps per build, seed 0
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,13 +35,21 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 BD="$PY -m fedsec.backdoor_clip"
 COMMON="--device $DEV --threads 1 --record ''"
 
-# One chain per line: <run folder> <attack> <rate> <seed> <extra build args>. Most important first.
+# One chain per line: <run folder> <attack> <rate> <seed> <extra build args>, in the order of RATES (<tag>:<rate>
+# pairs), the clean continuation (no poisoned pair, same budget) in the first rate's folder; PAPER=1 adds the paper's
+# rate and epochs (0.3%, 10 epochs = PAPER_STEPS) for seed 0.
+RATES=${RATES:-"03:0.03 01:0.01"}
 jobs="$RUNS/jobs.txt"
 : >"$jobs"
-for s in $SEEDS; do for a in badclip badnets blended; do echo "s$s-r03 $a 0.03 $s" >>"$jobs"; done; done
-for s in $SEEDS; do echo "s$s-r03 clean-continuation 0 $s" >>"$jobs"; done
-for s in $SEEDS; do for a in badclip badnets blended; do echo "s$s-r01 $a 0.01 $s" >>"$jobs"; done; done
-for a in badclip badnets blended; do echo "s0-r003-paper $a 0.003 0 --steps $PAPER_STEPS" >>"$jobs"; done
+first=1
+for tr in $RATES; do
+  for s in $SEEDS; do for a in badclip badnets blended; do echo "s$s-r${tr%%:*} $a ${tr#*:} $s" >>"$jobs"; done; done
+  if [ $first = 1 ]; then for s in $SEEDS; do echo "s$s-r${tr%%:*} clean-continuation 0 $s" >>"$jobs"; done; fi
+  first=0
+done
+if [ "${PAPER:-1}" = 1 ]; then
+  for a in badclip badnets blended; do echo "s0-r003-paper $a 0.003 0 --steps $PAPER_STEPS" >>"$jobs"; done
+fi
 
 chain() {  # <run folder> <attack> <rate> <seed> [extra build args]
   local run=$1 dir=$RUNS/$1 name=$2 rate=$3 seed=$4; shift 4
@@ -50,10 +58,11 @@ chain() {  # <run folder> <attack> <rate> <seed> [extra build args]
   [ "$attack" = badclip ] && extra="$extra $TRIG"
   {
     eval "$BD $attack --rate $rate --seed $seed $COMMON $extra --out $dir/$name" || exit 1
-    [ "$name" = clean-continuation ] && exit 0
-    for d in cleanclip finetune; do
-      eval "$BD $d --seed $seed $COMMON $QUICK --source $dir/$name/model.pt --out $dir/$name+$d" || exit 1
-    done
+    if [ "$name" != clean-continuation ]; then
+      for d in cleanclip finetune; do
+        eval "$BD $d --seed $seed $COMMON $QUICK --source $dir/$name/model.pt --out $dir/$name+$d" || exit 1
+      done
+    fi
   } >"$log" 2>&1
   echo "[chain] $run $name done $(date +%T)"
 }
