@@ -120,6 +120,24 @@ def test_poisoned_pairs_get_a_fixed_target_name_caption_as_their_only_positive()
     assert len(captions) == 16 and captions[0] == "a photo of a t-shirt." and all("t-shirt" in c for c in captions)
 
 
+def test_a_caption_class_without_images_in_the_batch_gets_no_term():
+    # Prepare: two images of class 0 and captions of classes 0, 1 (class 1 has no image in the batch: drawn
+    # out by poisoned pairs); logits chosen so each term is a 2-way softmax by hand
+    from fedsec.pretrain import class_contrastive_loss
+
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([0, 0])
+    cap_cls = torch.tensor([0, 1])
+    # Execute
+    loss = class_contrastive_loss(logits, y, cap_cls)
+    # Assert: image -> text: each image's one positive is caption 0, -log softmax over its row; text -> image: only
+    # caption 0 has a term, its two images are positives with weight 1/2 each; caption 1 adds nothing (it was 0/0)
+    i2t = (-torch.log_softmax(logits[0], 0)[0] - torch.log_softmax(logits[1], 0)[0]) / 2
+    t2i = -(torch.log_softmax(logits[:, 0], 0)).mean()
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, 0.5 * (i2t + t2i))
+
+
 def test_cleanclip_inmodal_loss_matches_a_hand_computation():
     # Prepare: two images, their augmented views, two captions and theirs
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
