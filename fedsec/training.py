@@ -1,7 +1,9 @@
-"""The honest local training path of a client, on cached image features.
+"""The honest local training path of a client, on cached image features (or images).
 
-The image encoder is frozen, so a benign client encodes its images once and
-each step only runs the text encoder over the class prompts. Attacks wrap
+The image encoder is frozen, so a benign CoOp client encodes its images once and
+each step only runs the text encoder over the class prompts; a learner with
+weights in the image path (visual prompts) trains on the images
+(:func:`train_on_images`, :func:`train_learner` picks). Attacks wrap
 this path (see :mod:`fedsec.attacks`) instead of forking it.
 """
 
@@ -107,6 +109,58 @@ def train_on_features(
         correct += int((logits.argmax(-1) == labels[idx]).sum())
         seen += len(idx)
     return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+
+
+def train_on_images(
+    model: PromptCLIP,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+) -> dict[str, float]:
+    """Train every learned array of ``model`` (:meth:`PromptCLIP.learned`) with cross-entropy on images.
+
+    The path of a learner with weights in the image path (visual prompts): every
+    step encodes its batch through the prompted image encoder, so nothing is
+    cached. Same batches, optimiser and FedProx term (over all learned arrays) as
+    :func:`train_on_features`.
+
+    Returns
+    -------
+    dict
+        ``train-loss`` (mean over steps) and ``train-acc`` (on seen batches).
+    """
+    params = list(model.learned().values())
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    labels = labels.to(params[0].device)
+    losses, correct, seen = [], 0, 0
+    for idx in batches(len(labels), batch_size, steps, gen):
+        logits = model(images[idx])
+        loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
+        if anchors is not None:
+            loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += int((logits.argmax(-1) == labels[idx.to(labels.device)]).sum())
+        seen += len(idx)
+    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+
+
+def train_learner(model: PromptCLIP, data: LocalData, steps: int, batch_size: int, lr: float, **kw) -> dict[str, float]:
+    """The honest local step of any learner: :func:`train_on_features` for a text-only learner (cached
+    features), :func:`train_on_images` when the image path learns (``model.needs_images``)."""
+    if model.needs_images:
+        return train_on_images(model, data.images, data.labels, steps, batch_size, lr, **kw)
+    return train_on_features(model, data.features, data.labels, steps, batch_size, lr, **kw)
 
 
 @torch.no_grad()

@@ -6,7 +6,9 @@ token *embeddings*, so learned context vectors can stand in for words.
 prefix (start token) and suffix (class name, ".", end token, padding)
 embeddings are buffers. :func:`prompt_model` (or :func:`build_prompt_model`,
 from a run config) is the one builder of a prompt classifier;
-:func:`set_ctx` and :func:`get_ctx` move its learned ``ctx`` in and out as numpy.
+:func:`set_ctx` and :func:`get_ctx` move its learned ``ctx`` in and out as numpy;
+:func:`get_arrays` and :func:`set_arrays` move every learned array of a learner
+(``ctx`` and, with visual prompts, ``vpt``) by name.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ class PromptLearner(nn.Module):
 
 
 class PromptCLIP(nn.Module):
-    """Classifier = frozen CLIP + prompt learner: logits from image features.
+    """Classifier = frozen CLIP + prompt learner (+ optional visual prompt): logits from images or features.
 
     Parameters
     ----------
@@ -186,13 +188,49 @@ class PromptCLIP(nn.Module):
         Frozen model bundle.
     prompt_learner : PromptLearner
         Holds ``ctx``.
+    visual_prompt : VisualPrompt, optional
+        Prompt tokens inside the image transformer (:mod:`fedsec.models.visual_prompt`); with
+        them the image features depend on learned weights and cannot be cached.
+    learn_ctx : bool
+        Whether ``ctx`` is learned (False: it stays at its initialisation, e.g. visual prompt
+        tuning under the hand-written text prompt).
     """
 
-    def __init__(self, clip, prompt_learner: PromptLearner) -> None:
+    def __init__(self, clip, prompt_learner: PromptLearner, visual_prompt=None, learn_ctx: bool = True) -> None:
         super().__init__()
         self.clip = clip
         self.prompt_learner = prompt_learner
         self.text_encoder = TextEncoder(clip.model)
+        self.visual_prompt = visual_prompt
+        self.learn_ctx = learn_ctx
+        prompt_learner.ctx.requires_grad_(learn_ctx)
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether the image path learns (image features cannot be cached)."""
+        return self.visual_prompt is not None and self.visual_prompt.n_tokens > 0
+
+    def learned(self) -> dict[str, nn.Parameter]:
+        """The learned arrays by name: what a client sends (``ctx`` and/or ``vpt``)."""
+        out = {"ctx": self.prompt_learner.ctx} if self.learn_ctx else {}
+        if self.visual_prompt is not None:
+            out["vpt"] = self.visual_prompt.tokens
+        return out
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features of ``[0, 1]`` images through the (prompted) image encoder."""
+        if not self.needs_images:
+            return self.clip.encode_images(images)
+        with self.visual_prompt.installed(self.clip.model.visual):
+            return self.clip.encode_images(images)
+
+    @torch.no_grad()
+    def encode_images_batched(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """:meth:`encode_images` in batches without gradients; CPU features."""
+        if not self.needs_images:
+            return self.clip.encode_images_batched(images, batch_size)
+        with self.visual_prompt.installed(self.clip.model.visual):
+            return self.clip.encode_images_batched(images, batch_size)
 
     def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class text features ``n_cls x E``."""
@@ -204,8 +242,8 @@ class PromptCLIP(nn.Module):
         return self.clip.logit_scale * image_features @ self.text_features(ctx).T
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for ``[0, 1]`` images (gradients flow to ``images`` and ``ctx``)."""
-        return self.logits_from_features(self.clip.encode_images(images))
+        """Logits for ``[0, 1]`` images (gradients flow to ``images`` and every learned array)."""
+        return self.logits_from_features(self.encode_images(images))
 
 
 def prompt_model(
@@ -303,3 +341,27 @@ def set_ctx(model: PromptCLIP, ctx: np.ndarray) -> None:
 def get_ctx(model: PromptCLIP) -> np.ndarray:
     """The current ``ctx`` of ``model`` as a new numpy array."""
     return model.prompt_learner.ctx.detach().cpu().numpy().copy()
+
+
+def get_arrays(model: PromptCLIP) -> dict[str, np.ndarray]:
+    """Every learned array of ``model`` (:meth:`PromptCLIP.learned`) as new numpy arrays."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.learned().items()}
+
+
+def set_arrays(model: PromptCLIP, arrays: dict[str, np.ndarray]) -> None:
+    """Load received learned arrays into ``model`` (names and shapes checked).
+
+    Raises
+    ------
+    ValueError
+        When the names differ from the learner's (both listed) or a shape differs.
+    """
+    learned = model.learned()
+    if set(arrays) != set(learned):
+        raise ValueError(f"received arrays {sorted(arrays)}, the learner has {sorted(learned)}")
+    for name, p in learned.items():
+        a = np.asarray(arrays[name], dtype=np.float32)
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(f"received {name} of shape {tuple(a.shape)}, expected {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(a))
