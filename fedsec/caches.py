@@ -82,15 +82,21 @@ def local_data_for(cfg: RunConfig, partition_id: int, num_partitions: int) -> tu
     )
 
 
+def client_shots(
+    labels: np.ndarray, pid: int, n: int, partitioner: str, seed: int, alpha: float, cpc: int, k_shot: int
+) -> np.ndarray:
+    """Indices into the clients' pool of the images client ``pid`` of ``n`` holds (its partition's k shots)."""
+    idx = client_indices(labels, pid, n, partitioner, seed, alpha, cpc)
+    return k_shot_indices(labels, idx, k_shot, seed + 1000 * (pid + 1))
+
+
 @lru_cache(maxsize=64)
 def _local_data(dataset, root, partitioner, alpha, cpc, k_shot, seed, pid, n, model, pretrained, device):
     clip = cached_clip(model, pretrained, device)
 
     def build() -> dict:
         pool = train_pool(dataset, root)
-        idx = client_indices(pool.labels, pid, n, partitioner, seed, alpha, cpc)
-        idx = k_shot_indices(pool.labels, idx, k_shot, seed + 1000 * (pid + 1))
-        part = pool.subset(idx)
+        part = pool.subset(client_shots(pool.labels, pid, n, partitioner, seed, alpha, cpc, k_shot))
         features = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
         labels = torch.from_numpy(part.labels)
         return {
