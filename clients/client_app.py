@@ -3,7 +3,8 @@
 A node learns its ``partition-id`` and ``num-partitions`` from its node config.
 Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
-training path. Only ``ctx`` leaves the node. A ``train`` message flagged
+training path. Only the learner's learned arrays leave the node (``ctx`` for CoOp, ``vpt`` for
+visual prompts: ``fedsec.models.learners``). A ``train`` message flagged
 ``fedsec-shadow`` (the server's benign-only shadow federation, :mod:`fedsec.shadow`)
 is trained honestly, whatever the node's role. Activation bounds the server sends
 (record ``"bounds"``) are applied as clamps in every evaluation, and in training
@@ -38,20 +39,25 @@ def _node(context: Context) -> tuple[RunConfig, int, int]:
     return cfg, pid, n
 
 
+def received_arrays(msg: Message) -> dict:
+    """The learned arrays of the message's ``arrays`` record, by name, as numpy."""
+    return {name: a.numpy() for name, a in msg.content["arrays"].items()}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train ``ctx`` locally from the received global ``ctx``."""
+    """Train the learner's arrays (``ctx``, ``vpt``...) locally from the received global ones."""
     from fedsec.activation_bounds import bounded
     from fedsec.attacks import get_attack, malicious_partitions
     from fedsec.node import (
         bounds_from_content,
         clip_for,
-        get_ctx,
+        get_arrays,
+        learner_model_for,
         local_data_for,
         local_data_under_bounds,
-        prompt_model_for,
         seed_everything,
-        set_ctx,
+        set_arrays,
         training_bounds,
     )
     from fedsec.shadow import SHADOW_FLAG
@@ -62,8 +68,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.seed * 100_003 + server_round * 1_009 + pid
     seed_everything(seed)
     data, classnames = local_data_for(cfg, pid, n)
-    model = prompt_model_for(cfg, tuple(classnames))
-    set_ctx(model, msg.content["arrays"]["ctx"].numpy())
+    model = learner_model_for(cfg, tuple(classnames))
+    set_arrays(model, received_arrays(msg))
     clip = clip_for(cfg)
     bounds = training_bounds(cfg, bounds_from_content(msg.content))  # activation bounds, when the server sends them
 
@@ -82,32 +88,34 @@ def train(msg: Message, context: Context) -> Message:
 
     metrics = {"num-examples": len(data), "partition-id": pid, "train-time-s": time.perf_counter() - t0}
     metrics.update({k: float(v) for k, v in stats.items()})
-    content = RecordDict({"arrays": ArrayRecord({"ctx": Array(get_ctx(model))}), "metrics": MetricRecord(metrics)})
+    arrays = ArrayRecord({name: Array(a) for name, a in get_arrays(model).items()})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Accuracy of the received global ``ctx`` on this client's local data."""
+    """Accuracy of the received global arrays on this client's local data."""
     from fedsec.activation_bounds import bounded
     from fedsec.node import (
         bounds_from_content,
         clip_for,
+        learner_model_for,
         local_data_for,
         local_data_under_bounds,
-        prompt_model_for,
-        set_ctx,
+        set_arrays,
     )
     from fedsec.training import accuracy_on_features
 
     cfg, pid, n = _node(context)
     data, classnames = local_data_for(cfg, pid, n)
-    model = prompt_model_for(cfg, tuple(classnames))
-    set_ctx(model, msg.content["arrays"]["ctx"].numpy())
+    model = learner_model_for(cfg, tuple(classnames))
+    set_arrays(model, received_arrays(msg))
     clip = clip_for(cfg)
     bounds = bounds_from_content(msg.content)
     data = local_data_under_bounds(data, clip, bounds, (pid, n))
     with bounded(clip.model, bounds):
-        acc = accuracy_on_features(model, data.features, data.labels)
+        features = model.encode_images_batched(data.images) if model.needs_images else data.features
+        acc = accuracy_on_features(model, features, data.labels)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})
     return Message(content=content, reply_to=msg)

@@ -44,6 +44,7 @@ _CHOICES: dict[str, Callable[[], list[str]]] = {
     "partitioner": _names("partitioner"),
     "strategy": _names("strategy"),
     "attack": _names("attack"),
+    "learner": _names("learner"),
     "class-token-position": _choice("end", "middle", "front"),
     "device": _choice("auto", "cpu", "cuda"),
 }
@@ -91,6 +92,7 @@ _DOCS: dict[str, str] = {
     "class-token-position": "where the class token goes in the prompt",
     "class-specific": "one context per class (CoOp's CSC)",
     "prompt-template": "hand-written prompt of the zero-shot baseline ({} = class name)",
+    "learner": "what clients learn: coop (text context), vpt-shallow / vpt-deep (visual prompts), or a plug-in's",
     "device": "auto (CUDA if present), cpu or cuda",
     "local-steps": "local SGD steps per round",
     "batch-size": "local batch size",
@@ -138,6 +140,7 @@ class RunConfig:
     class_token_position: str = "end"
     class_specific: bool = False
     prompt_template: str = "a photo of a {}."
+    learner: str = "coop"
     device: str = "auto"
     # local training
     local_steps: int = 25
@@ -218,11 +221,27 @@ class RunConfig:
         if self.attack != "none" and self.extra:
             from fedsec.attacks import get_attack
 
-            problem = get_attack(self.attack).config_problem(self)
+            attack = get_attack(self.attack)
+            problem = attack.config_problem(self) or attack.learner_problem(self)
             if problem:
                 raise ConfigError(problem)
         elif self.attack != "none" and self.num_malicious == 0:
             raise ConfigError(f"run-config attack={self.attack!r} needs num-malicious >= 1")
+        if self.learner != "coop" and self.extra:
+            self._check_learner()
+
+    def _check_learner(self) -> None:
+        """Every active strategy wrapper runs with an image-path learner, or its ``learner_problem`` says why not."""
+        from fedsec.models.learners import learns_image_path
+        from fedsec.registry import registry
+
+        if not learns_image_path(self.learner):
+            return
+        wrappers = registry("strategy wrapper")
+        for name in wrappers.names():
+            check = getattr(wrappers.get(name), "learner_problem", None)
+            if check is not None and (problem := check(self)):
+                raise ConfigError(problem)
 
     def _has(self, key: str) -> bool:
         """Whether ``key`` (kebab-case) is a core field or a declared component key of this config."""

@@ -27,7 +27,7 @@ from fedsec.metrics import (
     update_stealth,
     zero_shot_accuracy,
 )
-from fedsec.node import clip_for, get_ctx, prompt_model_for, set_ctx, test_features
+from fedsec.node import clip_for, get_arrays, get_ctx, learner_model_for, set_arrays, test_features
 from fedsec.provenance import trigger_sources, write_provenance
 from fedsec.rundir import RunDir
 
@@ -60,7 +60,7 @@ class Evaluation:
             self.test = self.test.subset(keep)
         self.eval_idx = np.arange(self.test_size) if keep is None else np.asarray(keep, dtype=np.int64)
         self.classnames = list(self.test.classnames)
-        self.model = prompt_model_for(cfg, tuple(self.classnames))
+        self.model = learner_model_for(cfg, tuple(self.classnames))
         self.images = prepare_images(self.test.images, self.clip.image_size, self.test.fit)
         self.labels = torch.from_numpy(self.test.labels)
         self.features = test_features(self.clip, cfg.dataset, cfg.data_root, keep, self.images)  # disk-cached
@@ -75,6 +75,7 @@ class Evaluation:
         self.attack = get_attack(cfg.attack)(cfg, run_dir.path / "attacker")
         self.history: list[dict] = []
         self.init_ctx = get_ctx(self.model)
+        self.init_arrays = get_arrays(self.model)  # what travels: ctx for CoOp, vpt for visual prompts
         self.shadow_ctx = self.init_ctx.copy()
         #: Whether the benign clients train the shadow prompt themselves (fedsec.shadow); else the
         #: shadow accumulates the mean benign update (the earlier form; exact when no client attacks).
@@ -105,6 +106,10 @@ class Evaluation:
         """The initial global ctx (from ``ctx-init`` or a seeded random init)."""
         return self.init_ctx.copy()
 
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        """The initial global learned arrays, by name (``ctx`` for CoOp; see ``fedsec.models.learners``)."""
+        return {k: v.copy() for k, v in self.init_arrays.items()}
+
     def note_round(self, info: dict) -> None:
         """Training-side facts of the round (from the recorder), merged into the metrics row.
 
@@ -116,7 +121,7 @@ class Evaluation:
             self.bounds = ActivationBounds.from_arrays(records["bounds"])
         self.round_info = info
         benign = [u for pid, u in info.get("updates", {}).items() if pid not in self.malicious]
-        if benign and not self.shadow_federation:
+        if benign and not self.shadow_federation and set(self.init_arrays) == {"ctx"}:
             step = np.mean(benign, axis=0).reshape(self.shadow_ctx.shape).astype(np.float32)
             self.shadow_ctx = self.shadow_ctx + step
 
@@ -203,11 +208,13 @@ class Evaluation:
             out.update(self.backdoor_metrics(ctx, server_round, full=full, clean_features=features))
         return out
 
-    def evaluate_round(self, server_round: int, ctx: np.ndarray) -> dict:
-        """Evaluate ``ctx`` after ``server_round``; write the metrics row and checkpoint."""
+    def evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict:
+        """Evaluate the global learned ``arrays`` after ``server_round``; write the metrics row and checkpoint."""
         t_eval = time.perf_counter()
-        set_ctx(self.model, ctx)
-        clean = accuracy(predict(self.model, self.features), self.labels)
+        set_arrays(self.model, arrays)
+        ctx = get_ctx(self.model)  # the text context (fixed at its initialisation when only the image path learns)
+        features = self.model.encode_images_batched(self.images) if self.model.needs_images else self.features
+        clean = accuracy(predict(self.model, features), self.labels)
         final = server_round == self.cfg.num_server_rounds
         row: dict = {"round": server_round, "clean_acc": clean}
         row.update(self.backdoor_metrics(ctx, server_round, full=final))
@@ -233,7 +240,7 @@ class Evaluation:
         self.history.append(row)
         self.run_dir.append_metrics(row)
         bounds = {f"bounds:{k}": v for k, v in self.bounds.to_arrays().items()} if self.bounds is not None else {}
-        self.run_dir.write_checkpoint(server_round, {"ctx": ctx, "shadow_ctx": self.shadow_ctx, **bounds})
+        self.run_dir.write_checkpoint(server_round, {**arrays, "ctx": ctx, "shadow_ctx": self.shadow_ctx, **bounds})
         asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
         log(
             INFO,
@@ -246,8 +253,10 @@ class Evaluation:
         )
         return row
 
-    def finish(self, ctx: np.ndarray) -> dict:
-        """Write ``summary.json`` and the final prompt; return the summary."""
+    def finish(self, arrays: dict[str, np.ndarray]) -> dict:
+        """Write ``summary.json`` and the final prompt (every learned array); return the summary."""
+        set_arrays(self.model, arrays)
+        ctx = get_ctx(self.model)
         last = self.history[-1] if self.history else {}
         summary = {
             "clean_acc": last.get("clean_acc"),
@@ -282,6 +291,9 @@ class Evaluation:
             "class_token_position": pl.class_token_position,
             "class_specific": pl.class_specific,
             "prompt_layout": "[SOS] ctx_1..ctx_n <class name> . [EOS] (class-token-position moves the name)",
+            "learner": self.cfg.learner,
+            "learned_arrays": sorted(arrays),
+            **visual_prompt_identity(self.model),
             "zero_shot_template": self.cfg.prompt_template,
             "dataset": self.cfg.dataset,
             "data_root": self.cfg.data_root,
@@ -290,10 +302,26 @@ class Evaluation:
             "pixel_space": "[0,1] RGB at image_size; mean/std applied inside the model",
             "image_fit": self.test.fit,
         }
-        self.run_dir.write_final_prompt(ctx, identity)
+        self.run_dir.write_final_prompt(ctx, identity, **{k: v for k, v in arrays.items() if k != "ctx"})
         write_provenance(self)  # provenance.json, eval_subsets.npz, final_trigger.npz (docs/reevaluate.md)
         log(INFO, "[fedsec] results\n%s", format_table([summary]))
         return summary
+
+
+def visual_prompt_identity(model) -> dict:
+    """How a learner's visual prompt enters the image encoder (``final_prompt.json``), or nothing."""
+    vp = model.visual_prompt
+    if vp is None:
+        return {}
+    return {
+        "visual_prompt": {
+            "array": "vpt (final_prompt.npz): depth x tokens x width",
+            "tokens": vp.n_tokens,
+            "depth": vp.depth,
+            "where": "vpt[0] appended after the positional embedding, before ln_pre; vpt[i] replaces them at the "
+            "input of block i (1 <= i < depth); dropped after the last block (fedsec.models.visual_prompt)",
+        }
+    }
 
 
 def format_table(

@@ -1,7 +1,7 @@
 """Components by name: one way to declare them, found through entry points.
 
 Attacks, strategies (aggregation rules), strategy wrappers, server fusions,
-synthetic-data sources, datasets, partitioners and fm-poison triggers each live
+synthetic-data sources, datasets, partitioners, fm-poison triggers and learners each live
 in a :class:`Registry`. A component is declared once, with its run-config keys::
 
     @register_strategy("my-rule", params=(Param("my-rule-beta", 0.1, "how much to trim", range=(0, 0.5)),))
@@ -61,6 +61,7 @@ GROUPS = {
     "dataset": "fedsec.datasets",
     "partitioner": "fedsec.partitioners",
     "fm-poison trigger": "fedsec.triggers",
+    "learner": "fedsec.learners",
 }
 
 Value = bool | int | float | str
@@ -288,6 +289,7 @@ _HOMES = {
     "dataset": "fedsec.data.datasets",
     "partitioner": "fedsec.data.partition",
     "fm-poison trigger": "fedsec.attacks.fm_poison",
+    "learner": "fedsec.models.learners",
 }
 
 

@@ -108,9 +108,9 @@ class RunDir:
         """Write ``obj`` as ``name`` (e.g. ``summary.json``)."""
         (self.path / name).write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
-    def write_final_prompt(self, ctx: np.ndarray, identity: dict) -> None:
-        """Save the final ctx and what re-evaluating it needs."""
-        np.savez(self.path / "final_prompt.npz", ctx=ctx)
+    def write_final_prompt(self, ctx: np.ndarray, identity: dict, **arrays: np.ndarray) -> None:
+        """Save the final ctx (and any other learned array, e.g. ``vpt``) and what re-evaluating it needs."""
+        np.savez(self.path / "final_prompt.npz", ctx=ctx, **arrays)
         self.write_json("final_prompt.json", identity)
 
     # ------------------------------------------------------------- reading

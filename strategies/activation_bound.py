@@ -178,6 +178,16 @@ class ActivationBoundWrapper(BoundsWrapper):
         return self.learn(aggregate, server_round)  # type: ignore[arg-type]
 
 
+def _learner_problem(cfg) -> str | None:
+    """The bounds are learned on the frozen encoder's activations and clamp a ``ctx``-only prompt."""
+    if not bool(cfg.get("activation-bounds")):
+        return None
+    return (
+        f"run-config activation-bounds = true has no path for learner={cfg.learner!r} (weights in the image path: "
+        "the bounds are learned on the frozen encoder and trained with ctx alone); use learner='coop'"
+    )
+
+
 @register_wrapper("activation-bounds", params=PARAMS, order=20)
 def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
     """``ActivationBoundWrapper`` around ``inner`` when ``activation-bounds = true``."""
@@ -188,3 +198,6 @@ def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
     if sctx.array_name is None:
         raise ValueError("activation-bounds needs the name of the prompt array (StrategyContext.array_name)")
     return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), sctx.array_name)
+
+
+activation_bounds.learner_problem = _learner_problem  # type: ignore[attr-defined]

@@ -382,6 +382,16 @@ def synthetic_prompt_model(cfg, synthetic) -> tuple:
     return clip, build_prompt_model(cfg, clip, synthetic.classnames)
 
 
+def _learner_problem(cfg) -> str | None:
+    """Server fusion trains ``ctx`` on the synthetic data; an image-path learner has no such path yet."""
+    if str(cfg.get("server-fusion")) == "none":
+        return None
+    return (
+        f"run-config server-fusion={cfg.get('server-fusion')!r} has no path for learner={cfg.learner!r} (weights in "
+        "the image path: fusion trains ctx alone); use learner='coop', or server-fusion='none'"
+    )
+
+
 @register_wrapper(
     "server-fusion",
     params=(
@@ -448,3 +458,6 @@ def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
         arrayrecord_key=sctx.arrayrecord_key or "arrays",
         pass_clients=needs_clients,
     )
+
+
+server_fusion.learner_problem = _learner_problem  # type: ignore[attr-defined]

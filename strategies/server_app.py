@@ -173,10 +173,11 @@ def main(grid: Grid, context: Context) -> None:
                 template=strategy.train_content(),
             )
             evaluation.set_shadow(shadow, replies)
-        row = evaluation.evaluate_round(server_round + done, arrays["ctx"].numpy())
+        row = evaluation.evaluate_round(server_round + done, {k: a.numpy() for k, a in arrays.items()})
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
 
-    init = ArrayRecord({"ctx": Array(arrays["ctx"] if done else evaluation.initial_ctx())})
+    start = {k: arrays[k] for k in evaluation.init_arrays} if done else evaluation.initial_arrays()
+    init = ArrayRecord({k: Array(np.asarray(v)) for k, v in start.items()})  # the learner's arrays, by name
     prepare = getattr(strategy, "initial_arrays", None)  # a wrapper's hook, found through the wrappers' delegation
     if not done and callable(prepare):
         init = prepare(init)  # e.g. server-fusion = "init": the initial prompt pre-trained on the synthetic data
@@ -184,15 +185,16 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid=grid, initial_arrays=init, num_rounds=rounds_left, timeout=cfg.round_timeout, evaluate_fn=evaluate_fn
     )
-    final = result.arrays["ctx"].numpy() if result.arrays is not None else init["ctx"].numpy()
-    evaluation.finish(np.asarray(final))
+    final = result.arrays if result.arrays is not None else init
+    evaluation.finish({k: a.numpy() for k, a in final.items()})
 
 
 def server_root_update(cfg: RunConfig):
-    """``ctx -> ctx`` trained on the server's small clean root set (FLTrust's reference update).
+    """``arrays -> arrays``: the learner trained on the server's small clean root set (FLTrust's reference update).
 
     The root set is ``fltrust-root-shots`` examples per class drawn (seeded) from
-    the clients' pool; it is built lazily, only when a strategy calls it.
+    the clients' pool; it is built lazily, only when a strategy calls it. Every
+    learned array is trained, by the honest local step of the run's learner.
     """
     state: dict = {}
 
@@ -200,9 +202,10 @@ def server_root_update(cfg: RunConfig):
         import torch
 
         from fedsec.data import k_shot_indices, load_dataset, prepare_images
+        from fedsec.models.learners import build_learner
         from fedsec.models.prompt import build_prompt_model
-        from fedsec.node import clip_for, get_ctx, set_ctx
-        from fedsec.training import train_on_features
+        from fedsec.node import clip_for, get_arrays, set_arrays
+        from fedsec.training import LocalData, train_learner
 
         if "model" not in state:
             clip = clip_for(cfg)
@@ -210,25 +213,20 @@ def server_root_update(cfg: RunConfig):
             shots = int(cfg.get("fltrust-root-shots"))
             idx = k_shot_indices(pool.labels, np.arange(len(pool)), shots, cfg.seed + 99_991)
             part = pool.subset(idx)
-            state["model"] = build_prompt_model(cfg, clip, part.classnames)
-            state["features"] = clip.encode_images_batched(prepare_images(part.images, clip.image_size, part.fit))
-            state["labels"] = torch.from_numpy(part.labels)
+            state["model"] = build_learner(cfg, build_prompt_model(cfg, clip, part.classnames))  # its own model
+            images = prepare_images(part.images, clip.image_size, part.fit)
+            state["data"] = LocalData(images, torch.from_numpy(part.labels), clip.encode_images_batched(images))
             state.setdefault("calls", 0)
         model = state["model"]
-        set_ctx(model, arrays["ctx"].numpy())
+        set_arrays(model, {k: a.numpy() for k, a in arrays.items()})
         state["calls"] += 1
-        train_on_features(
-            model,
-            state["features"],
-            state["labels"],
-            cfg.local_steps,
-            cfg.batch_size,
-            cfg.lr,
-            cfg.momentum,
-            cfg.weight_decay,
-            cfg.seed * 31 + state["calls"],
-        )
-        return ArrayRecord({"ctx": Array(get_ctx(model))})
+        c = cfg
+        seed = cfg.seed * 31 + state["calls"]
+        train_learner(
+            model, state["data"], c.local_steps, c.batch_size, c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+            seed=seed,
+        )  # fmt: skip
+        return ArrayRecord({k: Array(v) for k, v in get_arrays(model).items()})
 
     # The call counter seeds each call: FLTrust checkpoints it through these (strategies.state).
     update.state_dict = lambda: {"calls": np.int64(state.get("calls", 0))}  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedsec.launch import run
@@ -61,3 +62,34 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
     assert all("det_tpr" in r and "mal_cos_dist" in r for r in rows[1:])
     assert summary["malicious_partitions"] and len(summary["malicious_partitions"]) == 1
     assert sorted(p.name for p in (tmp_path / "run" / "attacker").glob("round_*")) == ["round_0001", "round_0002"]
+
+
+def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
+    # Prepare / Execute: VPT-deep (tokens before every image block, text prompt fixed), 3 clients, 2 rounds, FLTrust
+    # (its server update trains the same learner on the root set)
+    cfg = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "k-shot": 4,
+        "local-steps": 4,
+        "eval-samples": 300,
+        "learner": "vpt-deep",
+        "vpt-tokens": 2,
+        "strategy": "fltrust",
+        "lr": 0.1,
+        "run-dir": str(tmp_path / "run"),
+    }
+    summary = run(ROOT, cfg, num_supernodes=3, quiet=True)
+    # Assert: only vpt travelled and was saved (depth x tokens x width) and it moved, the text context stayed at its
+    # init, every round was evaluated, and the run's identity says where the tokens enter the encoder
+    with np.load(tmp_path / "run" / "final_prompt.npz") as z:
+        saved = {k: z[k] for k in z.files}
+    with np.load(tmp_path / "run" / "checkpoints" / "round_0000.npz") as z:
+        first = {k: z[k] for k in z.files}
+    ident = json.loads((tmp_path / "run" / "final_prompt.json").read_text())
+    assert ident["learner"] == "vpt-deep" and ident["learned_arrays"] == ["vpt"]
+    assert saved["vpt"].shape == (ident["visual_prompt"]["depth"], 2, saved["vpt"].shape[2])
+    assert not np.array_equal(saved["vpt"], first["vpt"]) and np.array_equal(saved["ctx"], first["ctx"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(0.0 <= r["clean_acc"] <= 1.0 for r in rows)
+    assert 0.0 <= summary["clean_acc"] <= 1.0

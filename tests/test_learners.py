@@ -1,12 +1,16 @@
-"""experiments/learners.py: the validation split comes from the clients' side and holds no client's shots."""
+"""Learners: the registry, the up-front refusals, and experiments/learners.py's clients'-side validation split."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 
 from experiments.learners import validation_split
 from fedsec.caches import client_shots, train_pool
-from fedsec.config import RunConfig
+from fedsec.config import ConfigError, RunConfig
+from fedsec.models.learners import LEARNERS, learns_image_path
 
 
 def test_the_validation_split_is_the_clients_pool_minus_every_clients_shots():
@@ -24,3 +28,28 @@ def test_the_validation_split_is_the_clients_pool_minus_every_clients_shots():
     assert np.array_equal(val, validation_split(cfg, 10, 500))
     assert not np.intersect1d(val, np.concatenate(held)).size
     assert sum(len(h) for h in held) == 10 * 16 * len(pool.classnames)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"attack": "badnets", "num-malicious": 2}, "attack='badnets' has no path for learner='vpt-shallow'"),
+        ({"attack": "badpromptfl", "num-malicious": 2}, "attack='badpromptfl' has no path for learner='vpt-shallow'"),
+        ({"activation-bounds": True}, "activation-bounds = true has no path for learner='vpt-shallow'"),
+        ({"server-fusion": "tune"}, "server-fusion='tune' has no path for learner='vpt-shallow'"),
+    ],
+)
+def test_attacks_and_defenses_without_an_image_path_refuse_such_a_learner_up_front(values, message):
+    # Prepare / Execute / Assert: one clear error from the config check, before anything runs
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_mapping({"learner": "vpt-shallow", **values})
+
+
+def test_the_learners_are_registered_with_their_keys_and_image_path_flag():
+    # Prepare / Execute
+    names = LEARNERS.names()
+    # Assert: CoOp is text-only; both VPT forms learn in the image path and read vpt-tokens; coop stays the default
+    assert {"coop", "vpt-shallow", "vpt-deep"} <= set(names)
+    assert not learns_image_path("coop") and learns_image_path("vpt-shallow") and learns_image_path("vpt-deep")
+    assert [p.key for p in LEARNERS.component("vpt-deep").params] == ["vpt-tokens"]
+    assert RunConfig.from_mapping({}).learner == "coop"

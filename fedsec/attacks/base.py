@@ -109,6 +109,9 @@ class Attack:
     #: Whether the federation itself is untouched (no client update, no server data attacked, e.g.
     #: ``model-backdoor``): the global prompt is then the benign-only prompt of the trigger baseline.
     honest_federation: ClassVar[bool] = False
+    #: Whether it runs with a learner that has weights in the image path (``fedsec.models.learners``);
+    #: an attack that optimises a trigger through cached features or ``ctx`` alone says False.
+    image_path_learners: ClassVar[bool] = False
 
     def __init__(self, cfg, store: Path) -> None:
         from fedsec.attacks.store import AttackerStore
@@ -185,12 +188,20 @@ class Attack:
         Attacks that override this need not honour ``proximal-mu``: a malicious
         client follows its own objective.
         """
-        from fedsec.training import train_on_features
+        from fedsec.training import train_learner
 
         c = self.cfg
         mu = float(self.round_config.get("proximal-mu", 0.0))
-        return train_on_features(
-            model, data.features, data.labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed, mu
+        return train_learner(
+            model,
+            data,
+            c.local_steps,
+            c.batch_size,
+            c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            seed=seed,
+            proximal_mu=mu,
         )
 
     def poison_synthetic(self, images, labels, seed: int):
@@ -218,6 +229,18 @@ class Attack:
         """Why the run config ``c`` cannot run this attack (one clear message), or ``None``."""
         if cls.name != "none" and cls.client_side and c.num_malicious == 0:
             return f"run-config attack={cls.name!r} needs num-malicious >= 1"
+        return None
+
+    @classmethod
+    def learner_problem(cls, c) -> str | None:
+        """Why this attack cannot run with the run's ``learner`` (one clear message), or ``None``."""
+        from fedsec.models.learners import learns_image_path
+
+        if cls.name != "none" and not cls.image_path_learners and learns_image_path(c.learner):
+            return (
+                f"run-config attack={cls.name!r} has no path for learner={c.learner!r} (weights in the image path); "
+                "use learner='coop', or attack='none'"
+            )
         return None
 
     def load_trigger(self, before_round: int | None = None):
