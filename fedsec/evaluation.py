@@ -76,7 +76,8 @@ class Evaluation:
         self.history: list[dict] = []
         self.init_ctx = get_ctx(self.model)
         self.init_arrays = get_arrays(self.model)  # what travels: ctx for CoOp, vpt for visual prompts
-        self.shadow_ctx = self.init_ctx.copy()
+        #: The benign-only shadow federation's learned arrays (``ctx``, ``vpt``...; :mod:`fedsec.shadow`).
+        self.shadow_arrays = self.initial_arrays()
         #: Whether the benign clients train the shadow prompt themselves (fedsec.shadow); else the
         #: shadow accumulates the mean benign update (the earlier form; exact when no client attacks).
         self.shadow_federation = bool(cfg.shadow_federation and self.malicious and self.attack.client_side)
@@ -94,8 +95,9 @@ class Evaluation:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Continue an interrupted run: its metric history, benign-only shadow prompt and activation bounds."""
         self.history = self.run_dir.metrics()
-        if "shadow_ctx" in arrays:
-            self.shadow_ctx = np.asarray(arrays["shadow_ctx"], dtype=np.float32)
+        for name in self.init_arrays:
+            if f"shadow_{name}" in arrays:
+                self.shadow_arrays[name] = np.asarray(arrays[f"shadow_{name}"], dtype=np.float32)
         bounds = {k[len("bounds:") :]: v for k, v in arrays.items() if k.startswith("bounds:")}
         if bounds:
             self.bounds = ActivationBounds.from_arrays(bounds)
@@ -109,6 +111,15 @@ class Evaluation:
     def initial_arrays(self) -> dict[str, np.ndarray]:
         """The initial global learned arrays, by name (``ctx`` for CoOp; see ``fedsec.models.learners``)."""
         return {k: v.copy() for k, v in self.init_arrays.items()}
+
+    @property
+    def shadow_ctx(self) -> np.ndarray:
+        """The shadow's text context (the fixed initial one when the learner does not learn ``ctx``)."""
+        return self.shadow_arrays.get("ctx", self.init_ctx)
+
+    @shadow_ctx.setter
+    def shadow_ctx(self, ctx: np.ndarray) -> None:
+        self.shadow_arrays["ctx"] = np.asarray(ctx, dtype=np.float32)
 
     def note_round(self, info: dict) -> None:
         """Training-side facts of the round (from the recorder), merged into the metrics row.
@@ -130,9 +141,9 @@ class Evaluation:
         parts = self.round_info.get("partitions", {})
         return sorted(node for node, pid in parts.items() if pid not in self.malicious)
 
-    def set_shadow(self, ctx: np.ndarray, replies: int) -> None:
-        """The shadow federation's new prompt after this round, trained by ``replies`` benign clients."""
-        self.shadow_ctx = np.asarray(ctx, dtype=np.float32)
+    def set_shadow(self, arrays: dict[str, np.ndarray], replies: int) -> None:
+        """The shadow federation's new learned arrays after this round, trained by ``replies`` benign clients."""
+        self.shadow_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
         self.round_info["shadow_replies"] = replies
 
     @torch.no_grad()
@@ -162,14 +173,15 @@ class Evaluation:
         if trigger is None:
             return {"asr": None}
         if self.attack.honest_federation:  # nobody attacks the federation: the global prompt is the benign-only one
-            self.shadow_ctx = np.asarray(ctx, dtype=np.float32).copy()
+            self.shadow_arrays = {**get_arrays(self.model), **({"ctx": ctx.copy()} if self.model.learn_ctx else {})}
         idx = np.flatnonzero(self.test.labels != self.cfg.target_label) if full else self.asr_idx
         if full:
             self.final_trigger = {"state": trigger.state(), "sources": trigger_sources(self.attack.store, self.run_dir)}
         clean = self.images[idx]
         with torch.no_grad():
             triggered = trigger(clean)
-            feats = self.clip.encode_images_batched(triggered)
+            frozen = self.clip.encode_images_batched(triggered)  # the frozen encoder: the zero-shot baseline's
+            feats = self.model.encode_images_batched(triggered) if self.model.needs_images else frozen
         dev = self.model.prompt_learner.ctx.device
         labels = self.test.labels[idx]
         target = self.cfg.target_label
@@ -177,23 +189,46 @@ class Evaluation:
         base = self.features if clean_features is None else clean_features
         with torch.no_grad():
             text = self.model.text_features(torch.from_numpy(ctx).to(dev)).cpu()
-        rates = target_rates(
-            feats, base[idx], labels, target, {"global": text, "zero_shot": self.zero_shot_text().cpu()}
-        )
+            zero_shot = self.zero_shot_text().cpu()
+        rates = target_rates(feats, base[idx], labels, target, {"global": text, "zero_shot": zero_shot})
+        if self.model.needs_images:
+            rates["asr_zero_shot"] = target_rates(frozen, self.features[idx], labels, target, {"global": zero_shot})[
+                "asr_global"
+            ]
+        shadow_trig, shadow_clean = self.under_shadow(triggered, feats, base)
         return {
             "asr": attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target),
-            "trigger_only_asr": attack_success_rate(
-                predict(self.model, feats, torch.from_numpy(self.shadow_ctx).to(dev)), labels, target
-            ),
+            "trigger_only_asr": attack_success_rate(shadow_trig, labels, target),
             "trigger_zs_asr": rates["asr_zero_shot"],
-            "shadow_clean_acc": accuracy(
-                predict(self.model, base, torch.from_numpy(self.shadow_ctx).to(dev)), self.labels
-            ),
+            "shadow_clean_acc": accuracy(shadow_clean, self.labels),
             "clean_target_rate": rates["clean_target_rate"],
             "trigger_linf": float(diff.abs().max()),
             "trigger_l2": float(diff.norm(dim=1).mean()),
             "asr_n": len(idx),  # the ASR's denominator: non-target test images evaluated
         }
+
+    def under_shadow(
+        self, triggered: torch.Tensor, feats: torch.Tensor, base: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of the benign-only shadow on the triggered images and on the clean test images.
+
+        A text-only learner reuses the features (``feats``, ``base``) under the shadow's ``ctx``; a
+        learner with an image path encodes both under the shadow's arrays (the model's arrays are
+        restored afterwards).
+        """
+        dev = self.model.prompt_learner.ctx.device
+        if not self.model.needs_images:
+            shadow = torch.from_numpy(self.shadow_ctx).to(dev)
+            return predict(self.model, feats, shadow), predict(self.model, base, shadow)
+        current = get_arrays(self.model)
+        set_arrays(self.model, self.shadow_arrays)
+        try:
+            with torch.no_grad():
+                trig = self.model.encode_images_batched(triggered)
+                clean = self.model.encode_images_batched(self.images)
+            return predict(self.model, trig), predict(self.model, clean)
+        finally:
+            set_arrays(self.model, current)
 
     def bounded_metrics(self, ctx: np.ndarray, row: dict, server_round: int, full: bool) -> dict:
         """Clean accuracy and backdoor metrics with the activation bounds applied (the deployed model).
@@ -217,7 +252,8 @@ class Evaluation:
         clean = accuracy(predict(self.model, features), self.labels)
         final = server_round == self.cfg.num_server_rounds
         row: dict = {"round": server_round, "clean_acc": clean}
-        row.update(self.backdoor_metrics(ctx, server_round, full=final))
+        learned_features = features if self.model.needs_images else None  # None: the cached frozen ones
+        row.update(self.backdoor_metrics(ctx, server_round, full=final, clean_features=learned_features))
         if self.bounds is not None:
             row.update(self.bounded_metrics(ctx, row, server_round, final))
         if server_round == 0:
@@ -240,7 +276,8 @@ class Evaluation:
         self.history.append(row)
         self.run_dir.append_metrics(row)
         bounds = {f"bounds:{k}": v for k, v in self.bounds.to_arrays().items()} if self.bounds is not None else {}
-        self.run_dir.write_checkpoint(server_round, {**arrays, "ctx": ctx, "shadow_ctx": self.shadow_ctx, **bounds})
+        shadow = {f"shadow_{k}": v for k, v in {**self.shadow_arrays, "ctx": self.shadow_ctx}.items()}
+        self.run_dir.write_checkpoint(server_round, {**arrays, "ctx": ctx, **shadow, **bounds})
         asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}%"
         log(
             INFO,

@@ -64,16 +64,16 @@ def weighted_mean_update(updates: Sequence[np.ndarray], weights: Sequence[float]
 def shadow_round(
     grid: Grid,
     server_round: int,
-    shadow: np.ndarray,
+    shadow: np.ndarray | dict[str, np.ndarray],
     node_ids: Sequence[int],
     *,
-    array_name: str,
+    array_name: str = "",
     arrayrecord_key: str,
     weighted_by_key: str,
     metricrecord_key: str = "metrics",
     timeout: float | None = None,
     template: RecordDict | None = None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray | dict[str, np.ndarray], int]:
     """One round of the shadow federation: the benign nodes train ``shadow``; FedAvg of their updates.
 
     Parameters
@@ -82,8 +82,9 @@ def shadow_round(
         The ServerApp's grid.
     server_round : int
         The round (clients seed their training with it, as in the real round).
-    shadow : np.ndarray
-        The shadow array before this round.
+    shadow : np.ndarray or dict
+        The shadow array before this round (named ``array_name``), or every learned array of the
+        learner by name (e.g. ``{"vpt": ...}``); the result has the same form.
     node_ids : sequence of int
         The round's benign nodes.
     array_name, arrayrecord_key, weighted_by_key, metricrecord_key : str
@@ -101,6 +102,8 @@ def shadow_round(
     tuple
         The new shadow (``float32``, unchanged if no usable reply came) and the number of replies used.
     """
+    named = isinstance(shadow, dict)
+    arrays = {k: np.asarray(v) for k, v in shadow.items()} if named else {array_name: np.asarray(shadow)}
     records = {k: v for k, v in (template or {}).items() if k not in (arrayrecord_key, "config")}
     config = ConfigRecord(
         {**dict((template or {}).get("config", {})), "server-round": int(server_round), SHADOW_FLAG: True}
@@ -108,7 +111,7 @@ def shadow_round(
     messages = [
         Message(
             content=RecordDict(
-                {**records, arrayrecord_key: ArrayRecord({array_name: Array(np.asarray(shadow))}), "config": config}
+                {**records, arrayrecord_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": config}
             ),
             message_type=MessageType.TRAIN,
             dst_node_id=int(node),
@@ -120,13 +123,14 @@ def shadow_round(
         if reply.has_error() or not reply.has_content():
             continue
         try:
-            value = reply.content[arrayrecord_key][array_name].numpy()
+            values = {k: reply.content[arrayrecord_key][k].numpy() for k in arrays}
             weight = float(reply.content[metricrecord_key][weighted_by_key])
         except (KeyError, TypeError):
             continue
-        if value.shape != shadow.shape or not np.all(np.isfinite(value)) or weight <= 0:
+        usable = all(v.shape == arrays[k].shape and np.all(np.isfinite(v)) for k, v in values.items())
+        if not usable or weight <= 0:
             continue
-        updates.append(value.astype(np.float64) - shadow)
+        updates.append({k: v.astype(np.float64) - arrays[k] for k, v in values.items()})
         weights.append(weight)
     if len(updates) < len(messages):
         log(
@@ -136,6 +140,8 @@ def shadow_round(
             len(updates),
             len(messages),
         )
-    if not updates:
-        return np.asarray(shadow, dtype=np.float32), 0
-    return (shadow + weighted_mean_update(updates, weights)).astype(np.float32), len(updates)
+    new = {
+        k: (a + weighted_mean_update([u[k] for u in updates], weights) if updates else a).astype(np.float32)
+        for k, a in arrays.items()
+    }
+    return (new if named else new[array_name]), len(updates)

@@ -163,9 +163,8 @@ def main(grid: Grid, context: Context) -> None:
             shadow, replies = shadow_round(
                 grid,
                 server_round + done,
-                evaluation.shadow_ctx,
+                evaluation.shadow_arrays,
                 evaluation.benign_nodes(),
-                array_name=PROMPT_ARRAY,
                 arrayrecord_key=ARRAYRECORD_KEY,
                 weighted_by_key=WEIGHTED_BY_KEY,
                 metricrecord_key=METRICRECORD_KEY,

@@ -93,3 +93,30 @@ def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(0.0 <= r["clean_acc"] <= 1.0 for r in rows)
     assert 0.0 <= summary["clean_acc"] <= 1.0
+
+
+def test_badnets_on_a_visual_prompt_learner_records_its_baselines(tmp_path):
+    # Prepare / Execute: BadNets, 1 of 3 clients malicious, VPT-shallow, 2 rounds; the shadow federation trains vpt
+    cfg = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "k-shot": 4,
+        "local-steps": 4,
+        "eval-samples": 300,
+        "asr-eval-samples": 200,
+        "learner": "vpt-shallow",
+        "vpt-tokens": 2,
+        "attack": "badnets",
+        "num-malicious": 1,
+        "lr": 0.1,
+        "run-dir": str(tmp_path / "run"),
+    }
+    run(ROOT, cfg, num_supernodes=3, quiet=True)
+    # Assert: every round after the first has ASR and both trigger-alone baselines; the shadow federation's 2
+    # benign replies trained its own vpt, which the checkpoint keeps beside the global one
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows[1:] for k in ("asr", "trigger_only_asr", "trigger_zs_asr"))
+    assert [r["shadow_replies"] for r in rows[1:]] == [2, 2] and 0.0 < rows[-1]["shadow_clean_acc"] <= 1.0
+    with np.load(tmp_path / "run" / "checkpoints" / "round_0002.npz") as z:
+        assert {"vpt", "shadow_vpt", "ctx", "shadow_ctx"} <= set(z.files)
+        assert not np.array_equal(z["vpt"], z["shadow_vpt"])

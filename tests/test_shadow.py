@@ -105,3 +105,36 @@ def test_shadow_round_sends_the_real_rounds_config_and_records_with_the_shadow_a
     np.testing.assert_array_equal(sent["arrays"]["ctx"].numpy(), shadow)
     assert SHADOW_FLAG not in template["config"]
     np.testing.assert_array_equal(template["arrays"]["ctx"].numpy(), np.full((2, 2), 9.0))
+
+
+class _NamedGrid:
+    """Answers with every array sent plus a node-specific step (node 12's vpt is the wrong shape)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+        contents = {}
+        for msg in messages:
+            node, sent = msg.metadata.dst_node_id, msg.content["arrays"]
+            arrays = {k: a.numpy() + (node - 10) for k, a in sent.items()}
+            if node == 12:
+                arrays["vpt"] = np.zeros(5, dtype=np.float32)
+            record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            contents[node] = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 4})})
+        return replies_to(list(messages), contents)
+
+
+def test_shadow_round_carries_every_learned_array_by_name():
+    # Prepare: a learner with two arrays (a text context and visual prompt tokens), three benign nodes
+    shadow = {"ctx": np.zeros((2, 2), dtype=np.float32), "vpt": np.ones((1, 3), dtype=np.float32)}
+    # Execute
+    with task_identity():
+        new, used = shadow_round(
+            _NamedGrid(), 3, shadow, [11, 12, 13], arrayrecord_key="arrays", weighted_by_key="num-examples"
+        )
+    # Assert: the result keeps the names; node 12's reply (a vpt of another shape) is dropped whole; the others
+    # (+1 and +3, equal weights) move both arrays by +2
+    assert set(new) == {"ctx", "vpt"} and used == 2
+    np.testing.assert_allclose(new["ctx"], np.full((2, 2), 2.0))
+    np.testing.assert_allclose(new["vpt"], np.full((1, 3), 3.0))
+    assert all(v.dtype == np.float32 for v in new.values())

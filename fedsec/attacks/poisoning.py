@@ -2,7 +2,9 @@
 
 A poisoning attack replaces a ``poison-rate`` share of the client's local
 examples by triggered copies labelled ``target-label`` and then runs the
-honest training path on the mixed (cached) features.
+honest training path on the mixed data: cached features for CoOp, the images
+themselves for a learner with weights in the image path (BadNets and Blended
+take either; ``fedsec.models.learners``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
 from fedsec.registry import Param
-from fedsec.training import train_on_features
+from fedsec.training import LocalData, train_learner
 from fedsec.triggers import BlendTrigger, PatchTrigger
 
 POISON_PARAMS: tuple[Param, ...] = (
@@ -43,7 +45,7 @@ def clean_label_indices(labels: torch.Tensor, rate: float, target: int, seed: in
 
 
 class PoisoningAttack(Attack):
-    """Input transform + label map, then the honest path on the poisoned features."""
+    """Input transform + label map, then the honest path on the poisoned data."""
 
     def make_trigger(self, image_size: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -56,14 +58,22 @@ class PoisoningAttack(Attack):
         c = self.cfg
         trigger = self.trigger_for(model, clip, data, server_round)
         idx = poison_indices(data.labels, float(c.get("poison-rate")), c.target_label, seed)
-        feats, labels = data.features.clone(), data.labels.clone()
+        images, feats, labels = data.images.clone(), data.features.clone(), data.labels.clone()
         if len(idx):
             with torch.no_grad():
-                feats[idx] = clip.encode_images_batched(trigger(data.images[idx]))
+                images[idx] = trigger(data.images[idx])
+                feats[idx] = clip.encode_images_batched(images[idx])
             labels[idx] = c.target_label
         self.store.save(server_round, self.partition_id, trigger.state())
-        stats = train_on_features(
-            model, feats, labels, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay, seed
+        stats = train_learner(
+            model,
+            LocalData(images, labels, feats),
+            c.local_steps,
+            c.batch_size,
+            c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            seed=seed,
         )
         stats["poisoned"] = float(len(idx))
         return stats
@@ -80,6 +90,8 @@ def checkerboard(size: int) -> torch.Tensor:
 class BadNets(PoisoningAttack):
     """BadNets: a fixed checkerboard patch (``patch-size`` at ``patch-top``/``patch-left``)."""
 
+    image_path_learners = True
+
     def make_trigger(self, image_size: int) -> torch.nn.Module:
         c = self.cfg
         size = int(c.get("patch-size"))
@@ -89,6 +101,8 @@ class BadNets(PoisoningAttack):
 @register_attack("blended", params=POISON_PARAMS)
 class Blended(PoisoningAttack):
     """Blended: a fixed seeded noise pattern blended with weight ``blend-alpha``."""
+
+    image_path_learners = True
 
     def make_trigger(self, image_size: int) -> torch.nn.Module:
         g = torch.Generator().manual_seed(12345)
