@@ -115,7 +115,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     bounds = bounds_from_content(msg.content)
     data = local_data_under_bounds(data, clip, bounds, (pid, n))
     with bounded(clip.model, bounds):
-        features = model.encode_images_batched(data.images) if model.needs_images else data.features
+        features = model.features(data.images, data.features)  # the cached ones unless the learner maps them
         acc = accuracy_on_features(model, features, data.labels)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})
     return Message(content=content, reply_to=msg)

@@ -181,7 +181,7 @@ class Evaluation:
         with torch.no_grad():
             triggered = trigger(clean)
             frozen = self.clip.encode_images_batched(triggered)  # the frozen encoder: the zero-shot baseline's
-            feats = self.model.encode_images_batched(triggered) if self.model.needs_images else frozen
+            feats = self.model.encode_images_batched(triggered) if self.model.learns_features else frozen
         dev = self.model.prompt_learner.ctx.device
         labels = self.test.labels[idx]
         target = self.cfg.target_label
@@ -191,7 +191,7 @@ class Evaluation:
             text = self.model.text_features(torch.from_numpy(ctx).to(dev)).cpu()
             zero_shot = self.zero_shot_text().cpu()
         rates = target_rates(feats, base[idx], labels, target, {"global": text, "zero_shot": zero_shot})
-        if self.model.needs_images:
+        if self.model.learns_features:
             rates["asr_zero_shot"] = target_rates(frozen, self.features[idx], labels, target, {"global": zero_shot})[
                 "asr_global"
             ]
@@ -213,11 +213,11 @@ class Evaluation:
         """Predictions of the benign-only shadow on the triggered images and on the clean test images.
 
         A text-only learner reuses the features (``feats``, ``base``) under the shadow's ``ctx``; a
-        learner with an image path encodes both under the shadow's arrays (the model's arrays are
-        restored afterwards).
+        learner whose features depend on its weights recomputes both under the shadow's arrays (the
+        model's arrays are restored afterwards).
         """
         dev = self.model.prompt_learner.ctx.device
-        if not self.model.needs_images:
+        if not self.model.learns_features:
             shadow = torch.from_numpy(self.shadow_ctx).to(dev)
             return predict(self.model, feats, shadow), predict(self.model, base, shadow)
         current = get_arrays(self.model)
@@ -225,7 +225,7 @@ class Evaluation:
         try:
             with torch.no_grad():
                 trig = self.model.encode_images_batched(triggered)
-                clean = self.model.encode_images_batched(self.images)
+                clean = self.model.features(self.images, self.features)
             return predict(self.model, trig), predict(self.model, clean)
         finally:
             set_arrays(self.model, current)
@@ -248,11 +248,11 @@ class Evaluation:
         t_eval = time.perf_counter()
         set_arrays(self.model, arrays)
         ctx = get_ctx(self.model)  # the text context (fixed at its initialisation when only the image path learns)
-        features = self.model.encode_images_batched(self.images) if self.model.needs_images else self.features
+        features = self.model.features(self.images, self.features) if self.model.learns_features else self.features
         clean = accuracy(predict(self.model, features), self.labels)
         final = server_round == self.cfg.num_server_rounds
         row: dict = {"round": server_round, "clean_acc": clean}
-        learned_features = features if self.model.needs_images else None  # None: the cached frozen ones
+        learned_features = features if self.model.learns_features else None  # None: the cached frozen ones
         row.update(self.backdoor_metrics(ctx, server_round, full=final, clean_features=learned_features))
         if self.bounds is not None:
             row.update(self.bounded_metrics(ctx, row, server_round, final))
@@ -330,7 +330,7 @@ class Evaluation:
             "prompt_layout": "[SOS] ctx_1..ctx_n <class name> . [EOS] (class-token-position moves the name)",
             "learner": self.cfg.learner,
             "learned_arrays": sorted(arrays),
-            **visual_prompt_identity(self.model),
+            **learner_identity(self.model),
             "zero_shot_template": self.cfg.prompt_template,
             "dataset": self.cfg.dataset,
             "data_root": self.cfg.data_root,
@@ -345,20 +345,26 @@ class Evaluation:
         return summary
 
 
-def visual_prompt_identity(model) -> dict:
-    """How a learner's visual prompt enters the image encoder (``final_prompt.json``), or nothing."""
-    vp = model.visual_prompt
-    if vp is None:
-        return {}
-    return {
-        "visual_prompt": {
+def learner_identity(model) -> dict:
+    """How a learner's image-path weights enter the model (``final_prompt.json``), or nothing for a text-only one."""
+    out = {}
+    vp, adapter = model.visual_prompt, model.feature_adapter
+    if vp is not None:
+        out["visual_prompt"] = {
             "array": "vpt (final_prompt.npz): depth x tokens x width",
             "tokens": vp.n_tokens,
             "depth": vp.depth,
             "where": "vpt[0] appended after the positional embedding, before ln_pre; vpt[i] replaces them at the "
             "input of block i (1 <= i < depth); dropped after the last block (fedsec.models.visual_prompt)",
         }
-    }
+    if adapter is not None:
+        out["feature_adapter"] = {
+            "arrays": "adapter-down (width/r x width), adapter-up (width x width/r) in final_prompt.npz",
+            "ratio": adapter.ratio,
+            "where": "f' = normalize(ratio * relu(relu(f @ down.T) @ up.T) + (1 - ratio) * f) on the L2-normalised "
+            "image feature f, before the cosine logits (fedsec.models.adapter)",
+        }
+    return out
 
 
 def format_table(

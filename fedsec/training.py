@@ -78,30 +78,32 @@ def train_on_features(
     seed: int = 0,
     proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train ``model.prompt_learner.ctx`` with cross-entropy on cached features.
+    """Train the learned arrays (``ctx``; a feature adapter's) with cross-entropy on cached features.
 
-    ``proximal_mu > 0`` adds FedProx's proximal term ``mu / 2 * ||ctx - ctx_0||^2``
-    (Li et al., MLSys 2020), ``ctx_0`` the received global context; the server's
-    ``FedProx`` sends ``mu`` in the round's config as ``proximal-mu``.
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu / 2 * ||w - w_0||^2``
+    (Li et al., MLSys 2020), ``w_0`` the received global arrays; the server's
+    ``FedProx`` sends ``mu`` in the round's config as ``proximal-mu``. The
+    features are the frozen encoder's; a feature adapter (CLIP-Adapter) maps
+    them first (:meth:`PromptCLIP.adapt`).
 
     Returns
     -------
     dict
         ``train-loss`` (mean over steps) and ``train-acc`` (on seen batches).
     """
-    ctx = model.prompt_learner.ctx
-    opt = sgd_for(ctx, lr, momentum, weight_decay)
+    params = list(model.learned().values())
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    dev = ctx.device
+    dev = model.prompt_learner.ctx.device
     features, labels = features.to(dev), labels.to(dev)
-    anchor = ctx.detach().clone() if proximal_mu > 0 else None
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     losses, correct, seen = [], 0, 0
     for idx in batches(len(labels), batch_size, steps, gen):
         idx = idx.to(dev)
-        logits = model.logits_from_features(features[idx])
+        logits = model.logits_from_features(model.adapt(features[idx]))
         loss = F.cross_entropy(logits, labels[idx])
-        if anchor is not None:
-            loss = loss + 0.5 * proximal_mu * (ctx - anchor).pow(2).sum()
+        if anchors is not None:
+            loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -165,7 +167,7 @@ def train_learner(model: PromptCLIP, data: LocalData, steps: int, batch_size: in
 
 @torch.no_grad()
 def accuracy_on_features(model: PromptCLIP, features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of the current prompt on cached features."""
+    """Top-1 accuracy of the current prompt on the learner's features (:meth:`PromptCLIP.features`)."""
     if len(labels) == 0:
         return 0.0
     pred = model.logits_from_features(features.to(model.prompt_learner.ctx.device)).argmax(-1).cpu()

@@ -120,3 +120,32 @@ def test_badnets_on_a_visual_prompt_learner_records_its_baselines(tmp_path):
     with np.load(tmp_path / "run" / "checkpoints" / "round_0002.npz") as z:
         assert {"vpt", "shadow_vpt", "ctx", "shadow_ctx"} <= set(z.files)
         assert not np.array_equal(z["vpt"], z["shadow_vpt"])
+
+
+def test_blended_on_clip_adapter_federates_the_adapter(tmp_path):
+    # Prepare / Execute: Blended, 1 of 3 clients malicious, CLIP-Adapter (features cached, adapter learned), 2 rounds
+    cfg = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "k-shot": 4,
+        "local-steps": 4,
+        "eval-samples": 300,
+        "asr-eval-samples": 200,
+        "learner": "clip-adapter",
+        "attack": "blended",
+        "num-malicious": 1,
+        "lr": 0.1,
+        "run-dir": str(tmp_path / "run"),
+    }
+    run(ROOT, cfg, num_supernodes=3, quiet=True)
+    # Assert: the adapter's two matrices are the run's arrays, moved, and kept with the shadow's; ASR is measured
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["asr"] <= 1.0 and 0.0 <= r["trigger_only_asr"] <= 1.0 for r in rows[1:])
+    ident = json.loads((tmp_path / "run" / "final_prompt.json").read_text())
+    assert ident["learner"] == "clip-adapter" and ident["learned_arrays"] == ["adapter-down", "adapter-up"]
+    with (
+        np.load(tmp_path / "run" / "checkpoints" / "round_0000.npz") as z0,
+        np.load(tmp_path / "run" / "final_prompt.npz") as zf,
+    ):
+        assert {"shadow_adapter-down", "shadow_adapter-up"} <= set(z0.files)
+        assert not np.array_equal(z0["adapter-up"], zf["adapter-up"])

@@ -33,7 +33,10 @@ def test_the_validation_split_is_the_clients_pool_minus_every_clients_shots():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"attack": "badnets", "num-malicious": 2}, "attack='badnets' has no path for learner='vpt-shallow'"),
+        (
+            {"attack": "dual-embedding", "num-malicious": 2},
+            "attack='dual-embedding' has no path for learner='vpt-shallow'",
+        ),
         ({"attack": "badpromptfl", "num-malicious": 2}, "attack='badpromptfl' has no path for learner='vpt-shallow'"),
         ({"activation-bounds": True}, "activation-bounds = true has no path for learner='vpt-shallow'"),
         ({"server-fusion": "tune"}, "server-fusion='tune' has no path for learner='vpt-shallow'"),
@@ -48,8 +51,12 @@ def test_attacks_and_defenses_without_an_image_path_refuse_such_a_learner_up_fro
 def test_the_learners_are_registered_with_their_keys_and_image_path_flag():
     # Prepare / Execute
     names = LEARNERS.names()
-    # Assert: CoOp is text-only; both VPT forms learn in the image path and read vpt-tokens; coop stays the default
-    assert {"coop", "vpt-shallow", "vpt-deep"} <= set(names)
-    assert not learns_image_path("coop") and learns_image_path("vpt-shallow") and learns_image_path("vpt-deep")
+    # Assert: CoOp is text-only; both VPT forms and CLIP-Adapter learn in the image path, each with its keys; coop
+    # stays the default
+    assert {"coop", "vpt-shallow", "vpt-deep", "clip-adapter"} <= set(names)
+    assert not learns_image_path("coop") and all(
+        learns_image_path(n) for n in ("vpt-shallow", "vpt-deep", "clip-adapter")
+    )
     assert [p.key for p in LEARNERS.component("vpt-deep").params] == ["vpt-tokens"]
+    assert [p.key for p in LEARNERS.component("clip-adapter").params] == ["adapter-reduction", "adapter-ratio"]
     assert RunConfig.from_mapping({}).learner == "coop"

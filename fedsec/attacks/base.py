@@ -133,8 +133,8 @@ class Attack:
         2020), which needs no knowledge of the defense or the other clients.
         """
         self.partition_id = partition_id
-        ctx = model.prompt_learner.ctx
-        start = ctx.detach().clone()
+        params = list(model.learned().values())  # ctx, or the learner's arrays (fedsec.models.learners)
+        start = [p.detach().clone() for p in params]
         stats = self.local_train(model, data, clip, server_round, seed)
         active = self.name != "none"
         gamma = float(self.cfg.get("boost")) if active else 1.0
@@ -144,31 +144,37 @@ class Attack:
             import torch
 
             with torch.no_grad():
-                update = (ctx - start) * gamma
+                updates = [(p - s0) * gamma for p, s0 in zip(params, start, strict=True)]
             if match > 0:
                 honest = self.honest_update_norm(model, data, clip, server_round, seed, start)
                 stats["honest-update-norm"] = honest
                 bound = min(bound, match * honest) if bound > 0 else match * honest
             with torch.no_grad():
-                norm = float(update.norm())
+                norm = float(torch.cat([u.flatten() for u in updates]).norm())
                 if bound > 0 and norm > bound:
-                    update *= bound / norm
-                ctx.copy_(start + update)
-            stats["update-norm"] = float(update.norm())
+                    updates = [u * (bound / norm) for u in updates]
+                for p, s0, u in zip(params, start, updates, strict=True):
+                    p.copy_(s0 + u)
+            stats["update-norm"] = float(torch.cat([u.flatten() for u in updates]).norm())
         return stats
 
     def honest_update_norm(self, model, data, clip, server_round: int, seed: int, start) -> float:
-        """L2 norm of the update the honest path gives from ``start`` (``ctx`` is restored afterwards)."""
+        """L2 norm of the update the honest path gives from ``start`` (the learned arrays are restored afterwards).
+
+        ``start`` holds the learned arrays (:meth:`PromptCLIP.learned`, in order) the update is measured from.
+        """
         import torch
 
-        ctx = model.prompt_learner.ctx
+        params = list(model.learned().values())
         with torch.no_grad():
-            malicious = ctx.detach().clone()
-            ctx.copy_(start)
+            malicious = [p.detach().clone() for p in params]
+            for p, s0 in zip(params, start, strict=True):
+                p.copy_(s0)
         Attack.local_train(self, model, data, clip, server_round, seed)
         with torch.no_grad():
-            norm = float((ctx - start).norm())
-            ctx.copy_(malicious)
+            norm = float(torch.cat([(p - s0).flatten() for p, s0 in zip(params, start, strict=True)]).norm())
+            for p, m in zip(params, malicious, strict=True):
+                p.copy_(m)
         return norm
 
     def is_active(self, server_round: int) -> bool:

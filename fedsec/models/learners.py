@@ -7,7 +7,10 @@ are what travels, by name. fedsec's own:
 * ``coop``: the learned text context ``ctx`` (CoOp, Zhou et al., IJCV 2022; the default);
 * ``vpt-shallow`` / ``vpt-deep``: visual prompt tuning (Jia et al., ECCV 2022) under the initial text
   prompt: ``vpt`` tokens before the first block, or fresh ones before every block
-  (:mod:`fedsec.models.visual_prompt`). Their image features cannot be cached.
+  (:mod:`fedsec.models.visual_prompt`). Their image features cannot be cached;
+* ``clip-adapter``: CLIP-Adapter's visual adapter (Gao et al., IJCV 2024) on the frozen image
+  features, text prompt fixed (:mod:`fedsec.models.adapter`): arrays ``adapter-down``, ``adapter-up``;
+  the encoder's features stay cached.
 
 A learner with weights in the image path sets ``image_path = True`` on its
 registration; attacks and defenses that have no path for such a learner refuse it
@@ -88,3 +91,20 @@ def vpt_deep(model: PromptCLIP, cfg: RunConfig) -> PromptCLIP:
 
     depth = len(model.clip.model.visual.transformer.resblocks)
     return with_visual_prompt(model, int(cfg.get("vpt-tokens")), depth=depth, seed=cfg.seed)
+
+
+@register_learner(
+    "clip-adapter",
+    image_path=True,
+    params=(
+        Param("adapter-reduction", 4, "bottleneck reduction of CLIP-Adapter's visual adapter", range=(1, None)),
+        Param("adapter-ratio", 0.2, "residual ratio of the adapted image feature (CLIP-Adapter)", range=(0.0, 1.0)),
+    ),
+)
+def clip_adapter(model: PromptCLIP, cfg: RunConfig) -> PromptCLIP:
+    """CLIP-Adapter: a learned bottleneck MLP blended into the frozen image features, text prompt fixed."""
+    from fedsec.models.adapter import with_feature_adapter
+
+    return with_feature_adapter(
+        model, int(cfg.get("adapter-reduction")), float(cfg.get("adapter-ratio")), seed=cfg.seed
+    )

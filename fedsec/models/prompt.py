@@ -194,14 +194,20 @@ class PromptCLIP(nn.Module):
     learn_ctx : bool
         Whether ``ctx`` is learned (False: it stays at its initialisation, e.g. visual prompt
         tuning under the hand-written text prompt).
+    feature_adapter : FeatureAdapter, optional
+        A learned map of the frozen image features (CLIP-Adapter, :mod:`fedsec.models.adapter`):
+        the encoder's features stay cacheable and :meth:`adapt` maps them.
     """
 
-    def __init__(self, clip, prompt_learner: PromptLearner, visual_prompt=None, learn_ctx: bool = True) -> None:
+    def __init__(
+        self, clip, prompt_learner: PromptLearner, visual_prompt=None, learn_ctx: bool = True, feature_adapter=None
+    ) -> None:
         super().__init__()
         self.clip = clip
         self.prompt_learner = prompt_learner
         self.text_encoder = TextEncoder(clip.model)
         self.visual_prompt = visual_prompt
+        self.feature_adapter = feature_adapter
         self.learn_ctx = learn_ctx
         prompt_learner.ctx.requires_grad_(learn_ctx)
 
@@ -210,27 +216,47 @@ class PromptCLIP(nn.Module):
         """Whether the image path learns (image features cannot be cached)."""
         return self.visual_prompt is not None and self.visual_prompt.n_tokens > 0
 
+    @property
+    def learns_features(self) -> bool:
+        """Whether the image features depend on learned weights (visual prompts or a feature adapter)."""
+        return self.needs_images or self.feature_adapter is not None
+
     def learned(self) -> dict[str, nn.Parameter]:
-        """The learned arrays by name: what a client sends (``ctx`` and/or ``vpt``)."""
+        """The learned arrays by name: what a client sends (``ctx``, ``vpt``, ``adapter-down``/``-up``)."""
         out = {"ctx": self.prompt_learner.ctx} if self.learn_ctx else {}
         if self.visual_prompt is not None:
             out["vpt"] = self.visual_prompt.tokens
+        if self.feature_adapter is not None:
+            out["adapter-down"], out["adapter-up"] = self.feature_adapter.down, self.feature_adapter.up
         return out
 
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        """The learner's features from the (prompted) encoder's: the feature adapter's map, or as they are."""
+        if self.feature_adapter is None:
+            return features
+        return self.feature_adapter(features.to(self.feature_adapter.down.device))
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features of ``[0, 1]`` images through the (prompted) image encoder."""
+        """L2-normalised image features of ``[0, 1]`` images through the learner's image path."""
         if not self.needs_images:
-            return self.clip.encode_images(images)
+            return self.adapt(self.clip.encode_images(images))
         with self.visual_prompt.installed(self.clip.model.visual):
-            return self.clip.encode_images(images)
+            return self.adapt(self.clip.encode_images(images))
 
     @torch.no_grad()
     def encode_images_batched(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """:meth:`encode_images` in batches without gradients; CPU features."""
         if not self.needs_images:
-            return self.clip.encode_images_batched(images, batch_size)
+            return self.adapt(self.clip.encode_images_batched(images, batch_size)).cpu()
         with self.visual_prompt.installed(self.clip.model.visual):
-            return self.clip.encode_images_batched(images, batch_size)
+            return self.adapt(self.clip.encode_images_batched(images, batch_size)).cpu()
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """The learner's features of ``images``, from their cached ``frozen`` features when the encoder is frozen."""
+        if frozen is None or self.needs_images:
+            return self.encode_images_batched(images)
+        return self.adapt(frozen).cpu()
 
     def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class text features ``n_cls x E``."""
