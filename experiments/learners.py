@@ -7,7 +7,8 @@ prompted encoder for VPT), the same data and partitions as the Flower app. Learn
 * ``coop``: the shared learned text context (the app's default);
 * ``vpt-shallow``: visual prompt tuning, ``--tokens`` tokens before the first block, text prompt fixed at its
   initialisation ("a photo of a");
-* ``vpt-deep``: the same with fresh tokens before every block.
+* ``vpt-deep``: the same with fresh tokens before every block;
+* ``clip-adapter``: CLIP-Adapter's visual adapter on the cached features, text prompt fixed.
 
 Evaluated every ``--eval-every`` rounds on the test split (``eval-samples``, seeded) and on a validation split from
 the clients' side (``--val`` images of the training pool that no client holds, seeded): the learning rate of each
@@ -38,25 +39,17 @@ from fedsec.config import RunConfig
 from fedsec.data import load_dataset, prepare_images
 from fedsec.launch import parse_overrides
 from fedsec.metrics import accuracy
+from fedsec.models.learners import LEARNERS
 from fedsec.models.prompt import PromptCLIP, get_arrays, set_arrays
-from fedsec.models.visual_prompt import with_visual_prompt
-from fedsec.node import clip_for, local_data_for, prompt_model_for, seed_everything
+from fedsec.node import clip_for, learner_model_for, local_data_for, seed_everything
 from fedsec.training import train_learner
-
-LEARNERS = {
-    "coop": lambda coop, tokens, seed: coop,
-    "vpt-shallow": lambda coop, tokens, seed: with_visual_prompt(coop, tokens, 1, seed),
-    "vpt-deep": lambda coop, tokens, seed: with_visual_prompt(
-        coop, tokens, len(coop.clip.model.visual.transformer.resblocks), seed
-    ),
-}
 
 
 def build(cfg: RunConfig, learner: str, tokens: int, classnames: tuple[str, ...]) -> PromptCLIP:
-    """A fresh model of ``learner`` (CoOp's cached model for ``coop``)."""
-    if learner not in LEARNERS:
-        raise KeyError(f"unknown learner {learner!r}; known: {', '.join(LEARNERS)}")
-    return LEARNERS[learner](prompt_model_for(cfg, classnames), tokens, cfg.seed)
+    """The run's model of ``learner`` (the app's registry, ``fedsec.models.learners``), at its initial arrays."""
+    return learner_model_for(
+        RunConfig.from_mapping({**cfg.to_dict(), "learner": learner, "vpt-tokens": tokens}), classnames
+    )
 
 
 def validation_split(cfg: RunConfig, num_clients: int, n: int) -> np.ndarray:
@@ -135,7 +128,7 @@ def run(cfg: RunConfig, learner: str, tokens: int, num_clients: int, eval_every:
             history.append(evaluate(rnd))
     return {
         "learner": learner,
-        "tokens": tokens if learner != "coop" else 0,
+        "tokens": tokens if "vpt" in arrays else 0,
         "lr": cfg.lr,
         "rounds": cfg.num_server_rounds,
         "clients": num_clients,
@@ -196,7 +189,7 @@ def summary(folder: Path) -> None:
 def main() -> None:
     """Run one learner, the step-cost comparison, or the summary."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--learner", choices=sorted(LEARNERS), default="coop")
+    ap.add_argument("--learner", choices=LEARNERS.names(), default="coop")
     ap.add_argument("--tokens", type=int, default=4, help="visual prompt tokens per block")
     ap.add_argument("--lr", type=float, default=None, help="local lr (default: the run config's)")
     ap.add_argument("--clients", type=int, default=10)
@@ -219,7 +212,7 @@ def main() -> None:
     cfg = RunConfig.from_mapping(over)
     if args.step_cost:
         data, names = local_data_for(cfg, 0, args.clients)
-        models = {k: build(cfg, k, args.tokens, tuple(names)) for k in LEARNERS}
+        models = {k: build(cfg, k, args.tokens, tuple(names)) for k in LEARNERS.names()}
         res = {"ms_per_step": step_cost(cfg, models, data, args.step_repeats), "tokens": args.tokens}
         res.update({"local_steps": cfg.local_steps, "batch_size": cfg.batch_size, "threads": args.threads})
     else:
