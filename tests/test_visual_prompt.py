@@ -125,3 +125,28 @@ def test_a_deeper_prompt_than_the_encoder_is_refused(random_clip):
     # Execute / Assert: one clear error naming both numbers
     with pytest.raises(ValueError, match=f"vpt depth {layers + 1} > the encoder's {layers} blocks"):
         model.encode_images_batched(torch.rand(1, 3, random_clip.image_size, random_clip.image_size))
+
+
+def test_the_re_evaluation_recipe_for_visual_prompts_matches_the_model(random_clip):
+    # Prepare: deep VPT with set tokens; docs/reevaluate.md's encoding written out with open_clip's modules alone
+    import torch.nn.functional as F
+
+    coop = prompt_model(random_clip, CLASSES)
+    model = with_visual_prompt(coop, n_tokens=3, depth=2, seed=5)
+    x = torch.rand(4, 3, random_clip.image_size, random_clip.image_size)
+    v = random_clip.model.visual
+    mean = torch.tensor(random_clip.mean).view(1, -1, 1, 1)
+    std = torch.tensor(random_clip.std).view(1, -1, 1, 1)
+    p = torch.from_numpy(get_arrays(model)["vpt"])
+    # Execute
+    with torch.no_grad():
+        h = v.conv1((x - mean) / std).flatten(2).transpose(1, 2)
+        h = torch.cat([v.class_embedding.expand(len(h), 1, -1), h], 1) + v.positional_embedding
+        h = v.ln_pre(torch.cat([h, p[0].expand(len(h), -1, -1)], 1))
+        for i, blk in enumerate(v.transformer.resblocks):
+            if 0 < i < len(p):
+                h = torch.cat([h[:, : -p.shape[1]], p[i].expand(len(h), -1, -1)], 1)
+            h = blk(h)
+        manual = F.normalize(v.ln_post(h[:, : -p.shape[1]][:, 0]) @ v.proj, dim=-1)
+    # Assert: the recipe's features are the model's
+    assert torch.allclose(manual, model.encode_images_batched(x), atol=1e-5)
