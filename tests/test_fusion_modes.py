@@ -56,6 +56,14 @@ class LinearPrompt(torch.nn.Module):
         """Logits of ``features`` under ``ctx`` (the model's own when ``None``)."""
         return features @ (self.prompt_learner.ctx if ctx is None else ctx).T
 
+    def learned(self) -> dict[str, torch.nn.Parameter]:
+        """The learned arrays (``PromptCLIP.learned``): ``ctx`` alone."""
+        return {"ctx": self.prompt_learner.ctx}
+
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        """No feature adapter (``PromptCLIP.adapt``)."""
+        return features
+
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic features ``N x E`` and labels (every class present)."""
