@@ -163,6 +163,38 @@ def defender_images(n: int, seed: int, model_name: str) -> torch.Tensor:
     return prepare_images(pool.images[idx], size, pool.fit)
 
 
+def summary(path: Path) -> str:
+    """``<path>.md`` from the rows of ``python -m fedsec.decree`` runs: each checkpoint's PL1 per seed and mean.
+
+    A checkpoint is *flagged* when its mean PL1 is under the smallest PL1 any seed gave the clean model
+    (the defender's reference: the same inversion on an encoder known to be clean).
+    """
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    clean = df[(df.attack == "none") & (df.defense == "none")].pl1
+    ref = float(clean.min()) if len(clean) else float("nan")
+    lines = [
+        "# DECREE on the embedded CLIP and its backdoored / defended versions",
+        "",
+        f"From `{path.name}` (`python -m fedsec.decree ... --seed N`); PL1 = L1 of the smallest inverted mask reaching "
+        "mean pairwise cosine 0.99, over 3 x H x W; each seed also draws the defender's 50 clean images. Flagged: "
+        f"mean PL1 under the clean model's smallest ({ref:.4f}).",
+        "",
+        "| attack | defense | PL1 per seed | mean | flagged |",
+        "|---|---|---|---|---|",
+    ]
+    for (attack, defense), g in df.groupby(["attack", "defense"], sort=False):
+        g = g.sort_values("seed")
+        per = " / ".join(f"{v:.4f}" for v in g.pl1)
+        mean = float(g.pl1.mean())
+        flag = "yes" if mean < ref and attack != "none" else ("reference" if attack == "none" else "no")
+        lines.append(f"| {attack} | {defense} | {per} | {mean:.4f} | {flag} |")
+    text = "\n".join(lines) + "\n"
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     """Invert a trigger on each checkpoint given (``embedded`` = the clean shipped model); append rows to ``--out``."""
     from fedsec.backdoor_clip import load_checked, manifest_path
@@ -170,13 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     from fedsec.models.factory import create_clip
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="<dir>/model.pt written by fedsec.backdoor_clip, or 'embedded'")
+    ap.add_argument("checkpoints", nargs="*", help="<dir>/model.pt written by fedsec.backdoor_clip, or 'embedded'")
+    ap.add_argument("--summary", default="", help="a CSV of earlier runs: write its .md summary and stop")
     ap.add_argument("--model", default=RunConfig.model)
     ap.add_argument("--images", type=int, default=50, help="defender's clean images (the authors' 32-px setting: 50)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="CSV to append one row per checkpoint to")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(Path(args.summary)))
+        return
     torch.set_num_threads(args.threads)
     images = defender_images(args.images, args.seed, args.model)
     rows = []
