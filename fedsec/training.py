@@ -66,6 +66,30 @@ def batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         pos += batch_size
 
 
+def _sgd(model: PromptCLIP, logits_of, labels: torch.Tensor, steps: int, batch_size: int, lr: float,
+         momentum: float, weight_decay: float, seed: int, proximal_mu: float) -> dict[str, float]:  # fmt: skip
+    """The local SGD loop of every learner: ``logits_of(batch indices)`` gives the batch's logits."""
+    params = list(model.learned().values())
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    labels = labels.to(model.prompt_learner.ctx.device)
+    losses, correct, seen = [], 0, 0
+    for idx in batches(len(labels), batch_size, steps, gen):
+        logits = logits_of(idx)
+        y = labels[idx.to(labels.device)]
+        loss = F.cross_entropy(logits, y)
+        if anchors is not None:
+            loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += len(idx)
+    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+
+
 def train_on_features(
     model: PromptCLIP,
     features: torch.Tensor,
@@ -91,26 +115,13 @@ def train_on_features(
     dict
         ``train-loss`` (mean over steps) and ``train-acc`` (on seen batches).
     """
-    params = list(model.learned().values())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
     dev = model.prompt_learner.ctx.device
-    features, labels = features.to(dev), labels.to(dev)
-    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    losses, correct, seen = [], 0, 0
-    for idx in batches(len(labels), batch_size, steps, gen):
-        idx = idx.to(dev)
-        logits = model.logits_from_features(model.adapt(features[idx]))
-        loss = F.cross_entropy(logits, labels[idx])
-        if anchors is not None:
-            loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        correct += int((logits.argmax(-1) == labels[idx]).sum())
-        seen += len(idx)
-    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+    features = features.to(dev)
+
+    def logits_of(idx: torch.Tensor) -> torch.Tensor:
+        return model.logits_from_features(model.adapt(features[idx.to(dev)]))
+
+    return _sgd(model, logits_of, labels, steps, batch_size, lr, momentum, weight_decay, seed, proximal_mu)
 
 
 def train_on_images(
@@ -137,24 +148,8 @@ def train_on_images(
     dict
         ``train-loss`` (mean over steps) and ``train-acc`` (on seen batches).
     """
-    params = list(model.learned().values())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    labels = labels.to(params[0].device)
-    losses, correct, seen = [], 0, 0
-    for idx in batches(len(labels), batch_size, steps, gen):
-        logits = model(images[idx])
-        loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
-        if anchors is not None:
-            loss = loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        correct += int((logits.argmax(-1) == labels[idx.to(labels.device)]).sum())
-        seen += len(idx)
-    return {"train-loss": float(np.mean(losses)) if losses else 0.0, "train-acc": correct / max(seen, 1)}
+    return _sgd(model, lambda idx: model(images[idx]), labels, steps, batch_size, lr, momentum, weight_decay, seed,
+                proximal_mu)  # fmt: skip
 
 
 def train_learner(model: PromptCLIP, data: LocalData, steps: int, batch_size: int, lr: float, **kw) -> dict[str, float]:

@@ -19,6 +19,8 @@ SMALL = {
     "eval-samples": 2000,
     "asr-eval-samples": 500,
 }
+#: Two quick rounds of 3 clients for the learners' runs.
+TINY = {**SMALL, "num-server-rounds": 2, "k-shot": 4, "local-steps": 4, "eval-samples": 300, "lr": 0.1}
 
 
 def test_promptfl_simulation_beats_zero_shot(tmp_path):
@@ -67,18 +69,7 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
 def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
     # Prepare / Execute: VPT-deep (tokens before every image block, text prompt fixed), 3 clients, 2 rounds, FLTrust
     # (its server update trains the same learner on the root set)
-    cfg = {
-        **SMALL,
-        "num-server-rounds": 2,
-        "k-shot": 4,
-        "local-steps": 4,
-        "eval-samples": 300,
-        "learner": "vpt-deep",
-        "vpt-tokens": 2,
-        "strategy": "fltrust",
-        "lr": 0.1,
-        "run-dir": str(tmp_path / "run"),
-    }
+    cfg = {**TINY, "learner": "vpt-deep", "vpt-tokens": 2, "strategy": "fltrust", "run-dir": str(tmp_path / "run")}
     summary = run(ROOT, cfg, num_supernodes=3, quiet=True)
     # Assert: only vpt travelled and was saved (depth x tokens x width) and it moved, the text context stayed at its
     # init, every round was evaluated, and the run's identity says where the tokens enter the encoder
@@ -97,20 +88,8 @@ def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
 
 def test_badnets_on_a_visual_prompt_learner_records_its_baselines(tmp_path):
     # Prepare / Execute: BadNets, 1 of 3 clients malicious, VPT-shallow, 2 rounds; the shadow federation trains vpt
-    cfg = {
-        **SMALL,
-        "num-server-rounds": 2,
-        "k-shot": 4,
-        "local-steps": 4,
-        "eval-samples": 300,
-        "asr-eval-samples": 200,
-        "learner": "vpt-shallow",
-        "vpt-tokens": 2,
-        "attack": "badnets",
-        "num-malicious": 1,
-        "lr": 0.1,
-        "run-dir": str(tmp_path / "run"),
-    }
+    cfg = {**TINY, "asr-eval-samples": 200, "learner": "vpt-shallow", "vpt-tokens": 2, "attack": "badnets"}
+    cfg.update({"num-malicious": 1, "run-dir": str(tmp_path / "run")})
     run(ROOT, cfg, num_supernodes=3, quiet=True)
     # Assert: every round after the first has ASR and both trigger-alone baselines; the shadow federation's 2
     # benign replies trained its own vpt, which the checkpoint keeps beside the global one
@@ -124,19 +103,8 @@ def test_badnets_on_a_visual_prompt_learner_records_its_baselines(tmp_path):
 
 def test_blended_on_clip_adapter_federates_the_adapter(tmp_path):
     # Prepare / Execute: Blended, 1 of 3 clients malicious, CLIP-Adapter (features cached, adapter learned), 2 rounds
-    cfg = {
-        **SMALL,
-        "num-server-rounds": 2,
-        "k-shot": 4,
-        "local-steps": 4,
-        "eval-samples": 300,
-        "asr-eval-samples": 200,
-        "learner": "clip-adapter",
-        "attack": "blended",
-        "num-malicious": 1,
-        "lr": 0.1,
-        "run-dir": str(tmp_path / "run"),
-    }
+    cfg = {**TINY, "asr-eval-samples": 200, "learner": "clip-adapter", "attack": "blended", "num-malicious": 1}
+    cfg["run-dir"] = str(tmp_path / "run")
     run(ROOT, cfg, num_supernodes=3, quiet=True)
     # Assert: the adapter's two matrices are the run's arrays, moved, and kept with the shadow's; ASR is measured
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

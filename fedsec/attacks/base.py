@@ -194,10 +194,13 @@ class Attack:
         Attacks that override this need not honour ``proximal-mu``: a malicious
         client follows its own objective.
         """
+        return self.train_honestly(model, data, seed, float(self.round_config.get("proximal-mu", 0.0)))
+
+    def train_honestly(self, model, data, seed: int, proximal_mu: float = 0.0) -> dict[str, float]:
+        """The honest local step (:func:`fedsec.training.train_learner`) with the run's SGD settings on ``data``."""
         from fedsec.training import train_learner
 
         c = self.cfg
-        mu = float(self.round_config.get("proximal-mu", 0.0))
         return train_learner(
             model,
             data,
@@ -207,7 +210,7 @@ class Attack:
             momentum=c.momentum,
             weight_decay=c.weight_decay,
             seed=seed,
-            proximal_mu=mu,
+            proximal_mu=proximal_mu,
         )
 
     def poison_synthetic(self, images, labels, seed: int):

@@ -14,7 +14,7 @@ import torch
 
 from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
 from fedsec.registry import Param
-from fedsec.training import LocalData, train_learner
+from fedsec.training import LocalData
 from fedsec.triggers import BlendTrigger, PatchTrigger
 
 POISON_PARAMS: tuple[Param, ...] = (
@@ -65,16 +65,7 @@ class PoisoningAttack(Attack):
                 feats[idx] = clip.encode_images_batched(images[idx])
             labels[idx] = c.target_label
         self.store.save(server_round, self.partition_id, trigger.state())
-        stats = train_learner(
-            model,
-            LocalData(images, labels, feats),
-            c.local_steps,
-            c.batch_size,
-            c.lr,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            seed=seed,
-        )
+        stats = self.train_honestly(model, LocalData(images, labels, feats), seed)
         stats["poisoned"] = float(len(idx))
         return stats
 
