@@ -12,6 +12,10 @@
 #                       is half of the training images, so the whole file travels)
 #   .gpu-carry/whl-bd/  open_clip_torch, ftfy and wcwidth wheels (the GPU image has torch, torchvision, sklearn, tqdm)
 #
+# The carry (32 MB) and the working tree must fit the device tool's 64 MiB: session 11 kept the two weight files no
+# build reads (fedsec-tiny-clip.pt, fedsec-tiny-clip-v2-1ep.pt) out of its calls with `git rm --cached` and two
+# lines in .git/info/exclude, restored with `git reset HEAD -- fedsec/models/weights/` afterwards.
+#
 # Usage: OUT=/some/dir [SEEDS="0 1 2"] [RATES="03:0.03 01:0.01"] [PAPER=1] bash experiments/gpu_backdoored.sh
 #        SMOKE=1 OUT=/tmp/x bash experiments/gpu_backdoored.sh    # CPU plumbing check: 3 steps per build, seed 0
 set -uo pipefail
