@@ -31,17 +31,34 @@ RAY = str(Path(sys.executable).parent / "ray")
 HEAD_CPUS, NODE_CPUS = 2, 3
 
 
+_TAKEN: set[int] = set()  # ports handed out in this process (a component's port must not be another's)
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port no earlier call returned (the OS hands ports out of its ephemeral range)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
 
 
 def _free_range(width: int) -> int:
     """The first port of ``width`` consecutive ports that are free now."""
     rng = random.Random(os.getpid())
+    low, _ = _ephemeral_range()  # below the OS's ephemeral ports, so no _free_port() lands inside the range
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - width)
+        base = rng.randrange(10000, low - width)
         try:
             socks = []
             for p in range(base, base + width):
@@ -113,6 +130,7 @@ def ray_cluster(tmp_path):
     logs = [open(tmp_path / "head.log", "w"), open(tmp_path / "node.log", "w")]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--include-dashboard=false",
+         "--node-ip-address=127.0.0.1",
          f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *_node_ports()],
         env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -120,7 +138,8 @@ def ray_cluster(tmp_path):
     try:
         _wait_for_cpus(address, HEAD_CPUS)
         node = subprocess.Popen(
-            [RAY, "start", "--block", f"--address={address}", f"--num-cpus={NODE_CPUS}", *_node_ports()],
+            [RAY, "start", "--block", f"--address={address}", f"--num-cpus={NODE_CPUS}", "--node-ip-address=127.0.0.1",
+             *_node_ports()],
             env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         procs.append(node)
