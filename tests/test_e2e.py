@@ -66,13 +66,16 @@ def test_attack_run_records_asr_trigger_and_detection(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "attacker").glob("round_*")) == ["round_0001", "round_0002"]
 
 
-def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
-    # Prepare / Execute: VPT-deep (tokens before every image block, text prompt fixed), 3 clients, 2 rounds, FLTrust
-    # (its server update trains the same learner on the root set)
-    cfg = {**TINY, "learner": "vpt-deep", "vpt-tokens": 2, "strategy": "fltrust", "run-dir": str(tmp_path / "run")}
-    summary = run(ROOT, cfg, num_supernodes=3, quiet=True)
-    # Assert: only vpt travelled and was saved (depth x tokens x width) and it moved, the text context stayed at its
-    # init, every round was evaluated, and the run's identity says where the tokens enter the encoder
+def test_badnets_on_a_visual_prompt_learner_under_fltrust(tmp_path):
+    # Prepare / Execute: BadNets, 1 of 3 clients malicious, VPT-deep (tokens before every image block, text prompt
+    # fixed), FLTrust (its server update trains the same learner on the root set), 2 rounds; the shadow federation
+    # trains vpt too
+    cfg = {**TINY, "asr-eval-samples": 200, "learner": "vpt-deep", "vpt-tokens": 2, "attack": "badnets"}
+    cfg.update({"num-malicious": 1, "strategy": "fltrust", "run-dir": str(tmp_path / "run")})
+    run(ROOT, cfg, num_supernodes=3, quiet=True)
+    # Assert: only vpt travelled and was saved (depth x tokens x width) and it moved; the text context stayed at its
+    # init; every round after the first has ASR and both trigger-alone baselines, the shadow's 2 benign replies
+    # trained its own vpt (kept in the checkpoint); the run's identity says where the tokens enter the encoder
     with np.load(tmp_path / "run" / "final_prompt.npz") as z:
         saved = {k: z[k] for k in z.files}
     with np.load(tmp_path / "run" / "checkpoints" / "round_0000.npz") as z:
@@ -82,18 +85,7 @@ def test_a_visual_prompt_learner_federates_its_own_arrays(tmp_path):
     assert saved["vpt"].shape == (ident["visual_prompt"]["depth"], 2, saved["vpt"].shape[2])
     assert not np.array_equal(saved["vpt"], first["vpt"]) and np.array_equal(saved["ctx"], first["ctx"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2] and all(0.0 <= r["clean_acc"] <= 1.0 for r in rows)
-    assert 0.0 <= summary["clean_acc"] <= 1.0
-
-
-def test_badnets_on_a_visual_prompt_learner_records_its_baselines(tmp_path):
-    # Prepare / Execute: BadNets, 1 of 3 clients malicious, VPT-shallow, 2 rounds; the shadow federation trains vpt
-    cfg = {**TINY, "asr-eval-samples": 200, "learner": "vpt-shallow", "vpt-tokens": 2, "attack": "badnets"}
-    cfg.update({"num-malicious": 1, "run-dir": str(tmp_path / "run")})
-    run(ROOT, cfg, num_supernodes=3, quiet=True)
-    # Assert: every round after the first has ASR and both trigger-alone baselines; the shadow federation's 2
-    # benign replies trained its own vpt, which the checkpoint keeps beside the global one
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(0.0 <= r[k] <= 1.0 for r in rows[1:] for k in ("asr", "trigger_only_asr", "trigger_zs_asr"))
     assert [r["shadow_replies"] for r in rows[1:]] == [2, 2] and 0.0 < rows[-1]["shadow_clean_acc"] <= 1.0
     with np.load(tmp_path / "run" / "checkpoints" / "round_0002.npz") as z:
