@@ -3,12 +3,13 @@
 A node learns its ``partition-id`` and ``num-partitions`` from its node config.
 Whether it is malicious follows from the run config (``num-malicious``,
 ``malicious-ids``, ``seed``); a malicious node's attack wraps the same honest
-training path. Only the learner's learned arrays leave the node (``ctx`` for CoOp, ``vpt`` for
-visual prompts, ``adapter-down``/``adapter-up`` for CLIP-Adapter: ``fedsec.models.learners``). A ``train`` message flagged
-``fedsec-shadow`` (the server's benign-only shadow federation, :mod:`fedsec.shadow`)
-is trained honestly, whatever the node's role. Activation bounds the server sends
-(record ``"bounds"``) are applied as clamps in every evaluation, and in training
-unless ``bounds-client-training = false``.
+training path. Only the learner's learned arrays leave the node (``ctx`` for
+CoOp, ``vpt`` for visual prompts, ``adapter-down``/``adapter-up`` for
+CLIP-Adapter: ``fedsec.models.learners``). A ``train`` message flagged
+``fedsec-shadow`` (the server's benign-only shadow federation,
+:mod:`fedsec.shadow`) is trained honestly, whatever the node's role. Activation
+bounds the server sends (record ``"bounds"``) are applied as clamps in every
+evaluation, and in training unless ``bounds-client-training = false``.
 """
 
 from __future__ import annotations
