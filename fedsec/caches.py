@@ -58,28 +58,23 @@ def prompt_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
     return model
 
 
-#: :func:`learner_model_for`'s models with their initial arrays, by prompt model and learner settings.
-_LEARNER_MODELS: dict[tuple, tuple[PromptCLIP, dict]] = {}
-
-
 def learner_model_for(cfg: RunConfig, classnames: tuple[str, ...]) -> PromptCLIP:
     """The run's learner (``learner``) on its prompt model, one per process and settings, at its initial arrays.
 
     For ``coop`` this is :func:`prompt_model_for`'s model itself; other learners are built once
-    on it (:func:`fedsec.models.learners.build_learner`) and reset to their initial arrays on
-    every call, as the context is.
+    on it (:func:`fedsec.models.learners.build_learner`), kept with it, and reset to their
+    initial arrays on every call, as the context is.
     """
     from fedsec.models.learners import LEARNERS, build_learner
     from fedsec.models.prompt import get_arrays, set_arrays
 
     base = prompt_model_for(cfg, classnames)
-    params = LEARNERS.component(cfg.learner).params
-    layout = (cfg.model, cfg.pretrained, pick_device(cfg.device), classnames, *prompt_layout(cfg))
-    key = (layout, cfg.learner, tuple((p.key, cfg.get(p.key)) for p in params))
-    if key not in _LEARNER_MODELS:
+    built = base.__dict__.setdefault("_fedsec_learners", {})  # lives and dies with the prompt model's cache entry
+    key = (cfg.learner, tuple((p.key, cfg.get(p.key)) for p in LEARNERS.component(cfg.learner).params))
+    if key not in built:
         model = build_learner(cfg, base)
-        _LEARNER_MODELS[key] = (model, get_arrays(model))
-    model, init = _LEARNER_MODELS[key]
+        built[key] = (model, get_arrays(model))
+    model, init = built[key]
     set_arrays(model, init)
     return model
 

@@ -92,7 +92,8 @@ _DOCS: dict[str, str] = {
     "class-token-position": "where the class token goes in the prompt",
     "class-specific": "one context per class (CoOp's CSC)",
     "prompt-template": "hand-written prompt of the zero-shot baseline ({} = class name)",
-    "learner": "what clients learn: coop (text context), vpt-shallow / vpt-deep (visual prompts), or a plug-in's",
+    "learner": "what clients learn: coop (text context), vpt-shallow / vpt-deep (visual prompts), clip-adapter, "
+    "or a plug-in's",
     "device": "auto (CUDA if present), cpu or cuda",
     "local-steps": "local SGD steps per round",
     "batch-size": "local batch size",
@@ -227,7 +228,7 @@ class RunConfig:
                 raise ConfigError(problem)
         elif self.attack != "none" and self.num_malicious == 0:
             raise ConfigError(f"run-config attack={self.attack!r} needs num-malicious >= 1")
-        if self.learner != "coop" and self.extra:
+        if self.extra:
             self._check_learner()
 
     def _check_learner(self) -> None:

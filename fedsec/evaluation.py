@@ -248,7 +248,7 @@ class Evaluation:
         t_eval = time.perf_counter()
         set_arrays(self.model, arrays)
         ctx = get_ctx(self.model)  # the text context (fixed at its initialisation when only the image path learns)
-        features = self.model.features(self.images, self.features) if self.model.learns_features else self.features
+        features = self.model.features(self.images, self.features)  # the cached ones unless the learner maps them
         clean = accuracy(predict(self.model, features), self.labels)
         final = server_round == self.cfg.num_server_rounds
         row: dict = {"round": server_round, "clean_acc": clean}
