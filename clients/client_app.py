@@ -82,9 +82,9 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
-    data = local_data_under_bounds(data, clip, bounds, (pid, n))
+    data = local_data_under_bounds(data, model, bounds, (pid, n))
     attack.round_config = dict(msg.content["config"])  # e.g. FedProx's proximal-mu
-    with bounded(clip.model, bounds):
+    with bounded(model.bound_root(), bounds):
         stats = attack.run(model, data, clip, server_round, pid, seed)
 
     metrics = {"num-examples": len(data), "partition-id": pid, "train-time-s": time.perf_counter() - t0}
@@ -100,7 +100,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedsec.activation_bounds import bounded
     from fedsec.node import (
         bounds_from_content,
-        clip_for,
         learner_model_for,
         local_data_for,
         local_data_under_bounds,
@@ -112,10 +111,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     data, classnames = local_data_for(cfg, pid, n)
     model = learner_model_for(cfg, tuple(classnames))
     set_arrays(model, received_arrays(msg))
-    clip = clip_for(cfg)
     bounds = bounds_from_content(msg.content)
-    data = local_data_under_bounds(data, clip, bounds, (pid, n))
-    with bounded(clip.model, bounds):
+    data = local_data_under_bounds(data, model, bounds, (pid, n))
+    with bounded(model.bound_root(), bounds):
         features = model.features(data.images, data.features)  # the cached ones unless the learner maps them
         acc = accuracy_on_features(model, features, data.labels)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-acc": acc})})

@@ -2,8 +2,9 @@
 
 The CLIP- and prompt-specific part of the activation-bound defense: the server
 learns per-channel (or per-neuron) upper bounds on internal activations of the
-frozen open_clip encoder under the new global prompt ``ctx``, on the
-foundation model's synthetic data. The maths (statistics, clamps, the
+global model (the frozen open_clip encoder under the learner's arrays, and the
+learner's own image-path layers, :meth:`~fedsec.models.prompt.PromptCLIP.bound_root`),
+on the foundation model's synthetic data. The maths (statistics, clamps, the
 optimisation) is :mod:`fedsec.activation_bounds` and works on any
 ``torch.nn.Module``; the Flower wrapper that calls a learner after every
 aggregation and sends its bounds is :mod:`strategies.bounds_wrapper`
@@ -31,20 +32,21 @@ if TYPE_CHECKING:
 
     from fedsec.activation_bounds import ActivationBounds
     from fedsec.config import RunConfig
-    from fedsec.models.factory import FrozenCLIP
+    from fedsec.models.prompt import PromptCLIP
     from fedsec.training import LocalData
 
 
 class BoundLearner:
-    """``(ctx, round) -> (bounds, metrics)`` on the synthetic data, warm-started across rounds.
+    """``(arrays, round) -> (bounds, metrics)`` on the synthetic data, warm-started across rounds.
 
     The first call initialises the bounds from activation statistics (or from
     bounds handed to :meth:`load` by a resumed run); every call then runs
-    ``bounds-steps`` optimisation steps against the new global prompt.
+    ``bounds-steps`` optimisation steps against the new global model (the
+    run's learner holding ``arrays``).
 
     With ``bounds-data = "filtered"`` the bounds are learned only on the
-    synthetic images whose label the ``reference`` prompt predicts (the
-    wrapper sets it to an unfused shadow of the global prompt: the clients'
+    synthetic images whose label the ``reference`` model predicts (the
+    wrapper sets it to an unfused shadow of the global arrays: the clients'
     updates without server fusion, see
     ``strategies.activation_bound.ActivationBoundWrapper._advance_shadow``):
     a poisoned FM's triggered images carry the target label, which a model
@@ -65,7 +67,7 @@ class BoundLearner:
         self.synthetic_data = synthetic_data
         self.state: dict = {}
         self.loaded: dict[str, np.ndarray] | None = None
-        self.reference: np.ndarray | None = None
+        self.reference: dict[str, np.ndarray] | None = None
 
     def load(self, bounds: dict[str, np.ndarray]) -> None:
         """Start from these bounds (a resumed run's checkpoint) instead of activation statistics."""
@@ -82,18 +84,28 @@ class BoundLearner:
         device = self.state["images"].device
         self.state["bounds"] = ActivationBounds.from_arrays({n: arrays[n] for n in old.names}).to(device)
 
-    def _setup(self) -> None:
+    def _setup(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Build the server's model of the run's learner; initialise the bounds on it holding ``arrays``.
+
+        The first round's global arrays: with weights in the image path the activations depend on them.
+        """
         from fedsec.activation_bounds import resolve_layers
+        from fedsec.models.prompt import set_arrays
         from strategies.fusion import synthetic_prompt_model
 
         cfg = self.cfg
         synthetic = self.synthetic_data()
-        clip, model = synthetic_prompt_model(cfg, synthetic)
+        clip, model = synthetic_prompt_model(cfg, synthetic)  # the run's learner (CoOp, VPT, CLIP-Adapter, ...)
+        if arrays is not None:
+            set_arrays(model, arrays)
+        root = model.bound_root()
         patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
-        layers = resolve_layers(clip.model, patterns)
+        layers = resolve_layers(root, patterns)
         images = synthetic.images.to(clip.device)
-        text = any(not n.startswith("visual.") for n in layers)
-        self.state.update(clip=clip, model=model, images=images, labels=synthetic.labels, layers=layers, text=text)
+        text = any(not (n.startswith("visual.") or n.startswith("adapter")) for n in layers)
+        self.state.update(
+            clip=clip, model=model, root=root, images=images, labels=synthetic.labels, layers=layers, text=text
+        )
         self.state["bounds"] = self._init(images)
         if self.loaded is not None:
             self._set(self.loaded)
@@ -102,57 +114,59 @@ class BoundLearner:
     def _init(self, images) -> object:
         from fedsec.activation_bounds import init_bounds
 
-        clip = self.state["clip"]
+        state = self.state
         return init_bounds(
-            clip.model,
-            clip.encode_images,
+            state["root"],
+            state["model"].encode_images,  # the learner's image path (visual prompts, adapter) under its arrays
             images,
-            self.state["layers"],
+            state["layers"],
             str(self.cfg.get("bounds-granularity")),
             float(self.cfg.get("bounds-init-quantile")),
             two_sided=bool(self.cfg.get("bounds-two-sided")),
-            channel_dim=-1,  # open_clip's transformer blocks: (batch, tokens, channels)
-        ).to(clip.device)
+            channel_dim=-1,  # open_clip's transformer blocks (batch, tokens, channels); the adapter's (batch, units)
+        ).to(state["clip"].device)
 
     def _filtered(self) -> tuple[object, dict]:
-        """The synthetic images whose label the reference prompt predicts (all of them without a reference)."""
+        """The synthetic images whose label the reference model predicts (all of them without a reference)."""
         import torch
 
         from fedsec.metrics import predict
-        from fedsec.models.prompt import set_ctx
+        from fedsec.models.prompt import set_arrays
 
         state = self.state
         if self.reference is None:
             return state["images"], {}
         if "features" not in state:  # the encoder is frozen and unclamped here: encode the set once per run
             state["features"] = state["clip"].encode_images_batched(state["images"])
-        set_ctx(state["model"], self.reference)
+        set_arrays(state["model"], self.reference)
         with torch.no_grad():
-            pred = predict(state["model"], state["features"])
+            pred = predict(state["model"], state["model"].features(state["images"], state["features"]))
         keep = (pred == state["labels"]).to(state["images"].device)
         if int(keep.sum()) == 0:
             return state["images"], {"bound-kept": 1.0}
         return state["images"][keep], {"bound-kept": float(keep.float().mean())}
 
-    def __call__(self, ctx: np.ndarray, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+    def __call__(self, arrays: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+        """Learn the bounds of the global model holding the learned ``arrays`` (name -> array)."""
         import torch
 
         from fedsec.activation_bounds import optimize_bounds
-        from fedsec.models.prompt import set_ctx
+        from fedsec.models.prompt import set_arrays
 
         if not self.state:
-            self._setup()
+            self._setup(arrays)
         cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
         images, extra = state["images"], {}
         if str(cfg.get("bounds-data")) == "filtered":
             images, extra = self._filtered()
+            set_arrays(model, arrays)
             state["bounds"] = self._init(images)
-        set_ctx(model, ctx)
+        set_arrays(model, arrays)
         if state["text"]:
 
             def logits_fn(x: torch.Tensor) -> torch.Tensor:
-                return model.logits_from_features(clip.encode_images(x))
+                return model.logits_from_features(model.encode_images(x))
 
         else:
             with torch.no_grad():
@@ -160,10 +174,10 @@ class BoundLearner:
             scale = clip.logit_scale
 
             def logits_fn(x: torch.Tensor) -> torch.Tensor:
-                return scale * clip.encode_images(x) @ text.T
+                return scale * model.encode_images(x) @ text.T
 
         stats = optimize_bounds(
-            clip.model,
+            state["root"],
             logits_fn,
             images,
             state["bounds"],
@@ -213,20 +227,22 @@ def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> Activati
     return None
 
 
-def local_data_under_bounds(
-    data: LocalData, clip: FrozenCLIP, bounds: ActivationBounds | None, key: tuple
-) -> LocalData:
+def local_data_under_bounds(data: LocalData, model: PromptCLIP, bounds: ActivationBounds | None, key: tuple) -> LocalData:
     """``data`` with its frozen features recomputed under activation ``bounds`` (cached per key and bounds).
 
     The features are encoded once per new set of bounds (the server sends new
-    ones each round), never per step; ``None`` returns ``data`` unchanged.
+    ones each round), never per step; ``None`` returns ``data`` unchanged, and so
+    does a learner that encodes its images itself (visual prompts: its bounds cover
+    the prompt tokens, which the frozen features lack). Bounds on the learner's own
+    layers (``adapter.hidden``) act later, where the learner maps the features.
 
     Parameters
     ----------
     data : LocalData
         The client's data with its unclamped features.
-    clip : FrozenCLIP
-        The frozen model the clamps hook into.
+    model : PromptCLIP
+        The client's learner: its frozen CLIP encodes, under clamps hooked into its
+        :meth:`~fedsec.models.prompt.PromptCLIP.bound_root`.
     bounds : ActivationBounds or None
         The bounds to encode under.
     key : tuple
@@ -237,7 +253,7 @@ def local_data_under_bounds(
     LocalData
         ``data`` itself, or the same images and labels with the clamped features.
     """
-    if bounds is None:
+    if bounds is None or model.needs_images:
         return data
     from fedsec.activation_bounds import bounded
     from fedsec.training import LocalData
@@ -246,8 +262,8 @@ def local_data_under_bounds(
     hit = _BOUNDED_DATA.get(key)
     if hit is not None and hit[0] == digest:
         return hit[1]
-    with bounded(clip.model, bounds):
-        features = clip.encode_images_batched(data.images)
+    with bounded(model.bound_root(), bounds):
+        features = model.clip.encode_images_batched(data.images)
     out = LocalData(data.images, data.labels, features)
     _BOUNDED_DATA[key] = (digest, out)
     return out

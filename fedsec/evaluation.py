@@ -153,7 +153,13 @@ class Evaluation:
         return torch.nn.functional.normalize(self.clip.model.encode_text(tokens.to(self.clip.device)), dim=-1)
 
     def backdoor_metrics(
-        self, ctx: np.ndarray, server_round: int, full: bool = False, clean_features: torch.Tensor | None = None
+        self,
+        ctx: np.ndarray,
+        server_round: int,
+        full: bool = False,
+        clean_features: torch.Tensor | None = None,
+        bounds: ActivationBounds | None = None,
+        frozen_clean: torch.Tensor | None = None,
     ) -> dict:
         """ASR of ``ctx``, the trigger's baselines and its size, with the attackers' newest trigger.
 
@@ -168,6 +174,12 @@ class Evaluation:
         ``shadow-federation = false`` the shadow is the earlier accumulated mean
         benign update, computed from the poisoned global prompt, which can leave
         the region of good prompts: main job, session 8, 39.7%, under zero-shot).
+
+        With ``bounds`` every forward pass runs under those activation bounds (the deployed
+        model), except the frozen encoder's features of a visual-prompt learner: its bounds
+        cover the prompt tokens, which the frozen encoder lacks, so the zero-shot baseline
+        is unclamped there. ``frozen_clean``: the frozen encoder's features of the clean test
+        images under the same bounds (default: the cached unclamped ones).
         """
         trigger = self.attack.load_trigger()
         if trigger is None:
@@ -178,26 +190,31 @@ class Evaluation:
         if full:
             self.final_trigger = {"state": trigger.state(), "sources": trigger_sources(self.attack.store, self.run_dir)}
         clean = self.images[idx]
+        root = self.model.bound_root()
         with torch.no_grad():
             triggered = trigger(clean)
-            frozen = self.clip.encode_images_batched(triggered)  # the frozen encoder: the zero-shot baseline's
-            feats = self.model.encode_images_batched(triggered) if self.model.learns_features else frozen
+            with bounded(root, None if self.model.needs_images else bounds):
+                frozen = self.clip.encode_images_batched(triggered)  # the frozen encoder: the zero-shot baseline's
+            with bounded(root, bounds):
+                feats = self.model.encode_images_batched(triggered) if self.model.learns_features else frozen
         dev = self.model.prompt_learner.ctx.device
         labels = self.test.labels[idx]
         target = self.cfg.target_label
         diff = (triggered - clean).flatten(1)
         base = self.features if clean_features is None else clean_features
-        with torch.no_grad():
+        frozen_clean = self.features if frozen_clean is None else frozen_clean
+        with torch.no_grad(), bounded(root, bounds):  # text-side bounds too, when bounds-layers names any
             text = self.model.text_features(torch.from_numpy(ctx).to(dev)).cpu()
             zero_shot = self.zero_shot_text().cpu()
-        rates = target_rates(feats, base[idx], labels, target, {"global": text, "zero_shot": zero_shot})
-        if self.model.learns_features:
-            rates["asr_zero_shot"] = target_rates(frozen, self.features[idx], labels, target, {"global": zero_shot})[
-                "asr_global"
-            ]
-        shadow_trig, shadow_clean = self.under_shadow(triggered, feats, base)
+            rates = target_rates(feats, base[idx], labels, target, {"global": text, "zero_shot": zero_shot})
+            if self.model.learns_features:
+                rates["asr_zero_shot"] = target_rates(
+                    frozen, frozen_clean[idx], labels, target, {"global": zero_shot}
+                )["asr_global"]
+            shadow_trig, shadow_clean = self.under_shadow(triggered, feats, base, frozen_clean)
+            asr = attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target)
         return {
-            "asr": attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target),
+            "asr": asr,
             "trigger_only_asr": attack_success_rate(shadow_trig, labels, target),
             "trigger_zs_asr": rates["asr_zero_shot"],
             "shadow_clean_acc": accuracy(shadow_clean, self.labels),
@@ -208,7 +225,7 @@ class Evaluation:
         }
 
     def under_shadow(
-        self, triggered: torch.Tensor, feats: torch.Tensor, base: torch.Tensor
+        self, triggered: torch.Tensor, feats: torch.Tensor, base: torch.Tensor, frozen_clean: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions of the benign-only shadow on the triggered images and on the clean test images.
 
@@ -225,7 +242,7 @@ class Evaluation:
         try:
             with torch.no_grad():
                 trig = self.model.encode_images_batched(triggered)
-                clean = self.model.features(self.images, self.features)
+                clean = self.model.features(self.images, self.features if frozen_clean is None else frozen_clean)
             return predict(self.model, trig), predict(self.model, clean)
         finally:
             set_arrays(self.model, current)
@@ -237,10 +254,15 @@ class Evaluation:
         figures; the unbounded ones stay as ``clean_acc_nobounds``/``asr_nobounds``.
         """
         out = {"clean_acc_nobounds": row["clean_acc"], "asr_nobounds": row.get("asr")}
-        with bounded(self.clip.model, self.bounds):
-            features = self.clip.encode_images_batched(self.images)
+        with bounded(self.model.bound_root(), self.bounds):
+            frozen = None if self.model.needs_images else self.clip.encode_images_batched(self.images)
+            features = self.model.features(self.images, frozen)  # the learner's image path, clamped
             out["clean_acc"] = accuracy(predict(self.model, features), self.labels)
-            out.update(self.backdoor_metrics(ctx, server_round, full=full, clean_features=features))
+        out.update(
+            self.backdoor_metrics(
+                ctx, server_round, full=full, clean_features=features, bounds=self.bounds, frozen_clean=frozen
+            )
+        )
         return out
 
     def evaluate_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict:

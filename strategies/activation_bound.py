@@ -1,20 +1,26 @@
 """The activation-bound defense (Bi & Li, arXiv 2410.17573) around any aggregation rule.
 
 After the wrapped rule (and server fusion, if on) produced the new global
-``ctx``, the server learns per-channel (or per-neuron) upper bounds ``tau`` on
-internal activations of the global model on its synthetic data
+model (its learned arrays: ``ctx``, ``vpt``, an adapter's), the server learns
+per-channel (or per-neuron) upper bounds ``tau`` on internal activations of
+the global model on its synthetic data
 (:mod:`fedsec.activation_bounds`): initialised from activation statistics in
 the first round, then ``bounds-steps`` optimisation steps every round (warm
 start) that keep the clamped model's outputs close to the unclamped model's
 while a norm penalty shrinks the bounds. Model parameters never change. The
-bounds travel to the clients beside ``ctx`` as a separate ``"bounds"``
-``ArrayRecord`` in every train/evaluate message (clients reply with ``ctx``
-only, which reply validation checks as before); clients and the evaluation
-apply them as clamps ``min(h, tau)`` in every forward pass (with
+bounds travel to the clients beside the model as a separate ``"bounds"``
+``ArrayRecord`` in every train/evaluate message (clients reply with their
+learned arrays only, which reply validation checks as before); clients and
+the evaluation apply them as clamps ``min(h, tau)`` in every forward pass (with
 ``bounds-two-sided = true`` also ``max(h, lo)``, lower bounds at the
 ``1 - bounds-init-quantile`` of the same statistics).
 
-Switch it on with ``activation-bounds = true`` (with any ``strategy``).
+Switch it on with ``activation-bounds = true`` (with any ``strategy`` and any
+``learner``). Layers are named in the learner's
+:meth:`~fedsec.models.prompt.PromptCLIP.bound_root`: the frozen encoder's
+(``visual.transformer.resblocks.*``; with visual prompts their outputs include
+the prompt tokens) and CLIP-Adapter's hidden layer (``adapter.hidden``), the
+paper's form on weights that learn.
 
 The defense in three parts, one job each:
 
@@ -27,14 +33,14 @@ The defense in three parts, one job each:
 
 This module is the glue for fedsec's ServerApp: the run-config keys, the
 registered ``activation-bounds`` wrapper, and :class:`ActivationBoundWrapper`
-(the generic wrapper on one model array, plus the unfused reference prompt the
+(the generic wrapper on the learned arrays, plus the unfused reference model the
 ``bounds-data = "filtered"`` learner needs). Its public names stay importable
 from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -95,109 +101,104 @@ def bounds_record(bounds: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 class ActivationBoundWrapper(BoundsWrapper):
-    """Learn activation bounds of one model array after every aggregation and send them to the clients.
+    """Learn activation bounds of the model's learned arrays after every aggregation and send them to the clients.
 
-    :class:`~strategies.bounds_wrapper.BoundsWrapper` on the single array
-    ``array_name``, with the bounds under :data:`BOUNDS_KEY`, plus an unfused
-    reference of that array (:meth:`_advance_shadow`) handed to a learner that
-    has a ``reference`` attribute before every call.
+    :class:`~strategies.bounds_wrapper.BoundsWrapper` on the arrays ``array_names``, with the
+    bounds under :data:`BOUNDS_KEY`, plus an unfused reference of those arrays
+    (:meth:`_advance_shadow`) handed to a learner that has a ``reference`` attribute before
+    every call.
 
     Parameters
     ----------
     inner : Strategy
-        Any strategy whose aggregate holds the array ``array_name``.
+        Any strategy whose aggregate holds the arrays ``array_names``.
     learn : callable
-        ``(array, server_round) -> (bounds as name -> array, metrics)``.
-    array_name : str
-        The model array the bounds are learned for (the ServerApp names fedsec's
-        prompt array); an aggregate or instruction without it raises
-        :class:`~strategies.common.MissingKeyError`.
+        ``(arrays, server_round) -> (bounds as name -> array, metrics)``, ``arrays`` a dict of the
+        ``array_names`` arrays.
+    array_names : str or sequence of str
+        The model arrays the bounds are learned for (the ServerApp names the learner's arrays); an
+        aggregate or instruction without one raises :class:`~strategies.common.MissingKeyError`.
 
     Attributes
     ----------
     bounds : dict[str, np.ndarray] or None
         The newest bounds (None before the first aggregation).
-    shadow : np.ndarray or None
-        The unfused reference array (checkpointed under :data:`SHADOW_STATE`).
+    shadow : dict[str, np.ndarray] or None
+        The unfused reference arrays (checkpointed under ``SHADOW_STATE/<name>``).
     """
 
     def __init__(
         self,
         inner: Strategy,
-        learn: Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], dict]],
-        array_name: str,
+        learn: Callable[[dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], dict]],
+        array_names: str | Sequence[str],
     ) -> None:
-        super().__init__(inner, learn, array_keys=(array_name,), bounds_key=BOUNDS_KEY)  # type: ignore[arg-type]
-        self.array_name = array_name
-        self.shadow: np.ndarray | None = None  # the unfused reference prompt (see _advance_shadow)
-        self._sent: np.ndarray | None = None  # the global array sent to the clients this round
+        names = (array_names,) if isinstance(array_names, str) else tuple(array_names)
+        super().__init__(inner, learn, array_keys=names, bounds_key=BOUNDS_KEY)  # type: ignore[arg-type]
+        self.shadow: dict[str, np.ndarray] | None = None  # the unfused reference arrays (see _advance_shadow)
+        self._sent: dict[str, np.ndarray] | None = None  # the global arrays sent to the clients this round
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The newest bounds (``bounds/<layer>``) and the shadow: a resumed run continues from them."""
         out = super().state_dict()
-        if self.shadow is not None:
-            out[SHADOW_STATE] = self.shadow
+        for name, value in (self.shadow or {}).items():
+            out[f"{SHADOW_STATE}/{name}"] = value
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore the bounds and the shadow of :meth:`state_dict`; the learner warm-starts from the bounds."""
+        """Restore the bounds and the shadow of :meth:`state_dict`; the learner warm-starts from the bounds.
+
+        A checkpoint of the single-array form (key ``SHADOW_STATE`` alone) restores the first array's shadow.
+        """
+        prefix = SHADOW_STATE + "/"
+        shadow = {k[len(prefix) :]: np.asarray(v, np.float32).copy() for k, v in state.items() if k.startswith(prefix)}
         if SHADOW_STATE in state:
-            self.shadow = np.asarray(state[SHADOW_STATE], dtype=np.float32).copy()
+            shadow.setdefault(self.array_keys[0], np.asarray(state[SHADOW_STATE], dtype=np.float32).copy())
+        if shadow:
+            self.shadow = shadow
         super().load_state_dict(state)
 
-    def _advance_shadow(self, aggregate: np.ndarray) -> np.ndarray:
-        """Move the unfused reference prompt by this round's client update; return it.
+    def _advance_shadow(self, aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Move the unfused reference arrays by this round's client update; return them.
 
-        The clients' update is the aggregate before server fusion (``pre_fusion_ctx`` of a
+        The clients' update is the aggregate before server fusion (``pre_fusion_arrays`` of a
         :class:`~strategies.fusion.ServerFusion` inside, else the aggregate) minus the global
-        array they received. Added to a prompt that never went through fusion, it gives
-        the model the clients alone would have: a poisoned FM's backdoor enters through
-        fusion and reaches the clients' own prompts, but not their updates on clean data.
+        arrays they received. Added to arrays that never went through fusion, it gives the
+        model the clients alone would have: a poisoned FM's backdoor enters through fusion and
+        reaches the clients' own models, but not their updates on clean data.
         """
-        pre = getattr(self.inner, "pre_fusion_ctx", None)
-        pre = aggregate if pre is None else pre
-        if self._sent is None or self._sent.shape != pre.shape:
+        pre = getattr(self.inner, "pre_fusion_arrays", None)
+        pre = aggregate if pre is None else {k: pre.get(k, v) for k, v in aggregate.items()}
+        sent = self._sent
+        if sent is None or any(k not in sent or sent[k].shape != v.shape for k, v in pre.items()):
             return pre
         if self.shadow is None:
-            self.shadow = self._sent.copy()
-        self.shadow = (self.shadow + (pre - self._sent)).astype(np.float32)
+            self.shadow = {k: sent[k].copy() for k in pre}
+        self.shadow = {k: (self.shadow[k] + (pre[k] - sent[k])).astype(np.float32) for k in pre}
         return self.shadow
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the array sent, delegate, then add the bounds record to every message."""
-        self._sent = require_key(arrays, self.array_name, "activation bounds").numpy().copy()
+        """Remember the arrays sent, delegate, then add the bounds record to every message."""
+        self._sent = {k: require_key(arrays, k, "activation bounds").numpy().copy() for k in self.array_keys}
         return super().configure_train(server_round, arrays, config, grid)
 
     def learn_bounds(self, arrays: dict[str, np.ndarray], server_round: int) -> tuple[dict, Mapping[str, float]]:
-        """Advance the shadow for a learner with a ``reference``, then learn on the one array."""
-        aggregate = arrays[self.array_name]
+        """Advance the shadow for a learner with a ``reference``, then learn on the arrays."""
         if hasattr(self.learn, "reference"):
-            self.learn.reference = self._advance_shadow(aggregate)
-        return self.learn(aggregate, server_round)  # type: ignore[arg-type]
-
-
-def _learner_problem(cfg) -> str | None:
-    """The bounds are learned on the frozen encoder's activations and clamp a ``ctx``-only prompt."""
-    if not bool(cfg.get("activation-bounds")):
-        return None
-    return (
-        f"run-config activation-bounds = true has no path for learner={cfg.learner!r} (weights in the image path: "
-        "the bounds are learned on the frozen encoder and trained with ctx alone); use learner='coop'"
-    )
+            self.learn.reference = self._advance_shadow(arrays)
+        return self.learn(arrays, server_round)  # type: ignore[arg-type]
 
 
 @register_wrapper("activation-bounds", params=PARAMS, order=20)
 def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
-    """``ActivationBoundWrapper`` around ``inner`` when ``activation-bounds = true``."""
+    """``ActivationBoundWrapper`` around ``inner`` when ``activation-bounds = true`` (on every learned array)."""
     if not bool(sctx.cfg.get("activation-bounds")):
         return inner
     if sctx.synthetic_data is None:
         raise ValueError("activation-bounds needs the server's synthetic data (StrategyContext.synthetic_data)")
-    if sctx.array_name is None:
-        raise ValueError("activation-bounds needs the name of the prompt array (StrategyContext.array_name)")
-    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), sctx.array_name)
-
-
-activation_bounds.learner_problem = _learner_problem  # type: ignore[attr-defined]
+    names = sctx.learned_names()
+    if not names:
+        raise ValueError("activation-bounds needs the names of the learned arrays (StrategyContext.array_names)")
+    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), names)

@@ -3,17 +3,20 @@
 In FM-FL (Li et al., "Foundation models in federated learning", arXiv 2401.10375;
 Bi & Li, arXiv 2410.17573) the server holds labeled images written by a
 foundation model and brings the model's knowledge into the global model with
-them. Three modes (``server-fusion``; the ServerApp names fedsec's ``ctx`` as the
-global prompt, ``array_name``):
+them. The fusion acts on every learned array of the run's learner (the
+ServerApp names them, ``StrategyContext.array_names``: ``ctx`` for CoOp, ``vpt``
+for visual prompts, ``adapter-down``/``adapter-up`` for CLIP-Adapter), through
+the learner's own forward pass (cached frozen features, or the images through
+the prompted encoder). Three modes (``server-fusion``):
 
 ``tune`` (ours)
-    After the wrapped rule aggregates the clients' prompts, ``fusion-steps`` SGD
-    steps at ``fusion-lr`` of cross-entropy on the synthetic images' frozen
-    features and their labels, every round.
+    After the wrapped rule aggregates the clients' models, ``fusion-steps`` SGD
+    steps at ``fusion-lr`` of cross-entropy on the labeled synthetic set, every
+    round (the learner's honest local step, :func:`fedsec.training.train_learner`).
 ``kd`` (FM-FL's distillation, FedDF: Lin et al., "Ensemble distillation for
 robust model fusion in federated learning", NeurIPS 2020)
     After aggregation, the aggregate (the student) is distilled towards the
-    ensemble of this round's client prompts (the teacher) on the synthetic
+    ensemble of this round's client models (the teacher) on the synthetic
     images: ``fusion-steps`` SGD steps at ``fusion-lr`` of
     ``T^2 KL(teacher || student)`` at temperature ``T = fusion-temperature``;
     the teacher averages the clients' logits (FedDF's AvgLogits,
@@ -22,7 +25,7 @@ robust model fusion in federated learning", NeurIPS 2020)
     global model only through how the clients' prompts and the aggregate behave
     on its images.
 ``init`` (FM-FL's initialisation)
-    Before round 1, the initial global prompt is trained with cross-entropy on
+    Before round 1, the initial global arrays are trained with cross-entropy on
     the labeled synthetic set (``fusion-init-steps`` SGD steps at
     ``fusion-lr``); the aggregates of later rounds are left as they are. The
     ServerApp applies :meth:`ServerFusion.initial_arrays` to its initial arrays.
@@ -51,10 +54,15 @@ from strategies.registry import StrategyContext, register_wrapper
 if TYPE_CHECKING:
     import torch
 
-#: ``(prompt model, synthetic features, labels, cfg, seed[, client_ctxs=...]) -> stats``: changes
-#: ``model.prompt_learner.ctx`` in place. A fusion marked by :func:`fusion_traits` with
-#: ``needs_clients`` also receives this round's client prompts (``client_ctxs``, a list of arrays);
-#: one marked ``at_start`` runs once, on the initial global prompt, instead of after every aggregation.
+    from fedsec.training import LocalData
+
+#: ``(learner, synthetic data, cfg, seed[, client_arrays=...]) -> stats``: changes the learned arrays
+#: of ``learner`` (a :class:`~fedsec.models.prompt.PromptCLIP`: ``ctx`` for CoOp, ``vpt`` or the
+#: adapter's for an image-path learner) in place; ``synthetic data`` is a
+#: :class:`~fedsec.training.LocalData` (images, labels, frozen features). A fusion marked by
+#: :func:`fusion_traits` with ``needs_clients`` also receives this round's client arrays
+#: (``client_arrays``, a list of name -> array dicts); one marked ``at_start`` runs once, on the
+#: initial global arrays, instead of after every aggregation.
 FUSIONS: Registry[Callable[..., dict[str, float]]] = Registry("server fusion")
 
 #: The teacher of ``kd``: the clients' logits averaged (FedDF's AvgLogits) or their softmaxes.
@@ -66,14 +74,14 @@ def _fusion_names() -> list[str]:
 
 
 def fusion_traits(*, needs_clients: bool = False, at_start: bool = False) -> Callable:
-    """Mark a fusion function: it needs the clients' prompts, or it runs on the initial prompt.
+    """Mark a fusion function: it needs the clients' arrays, or it runs on the initial arrays.
 
     Parameters
     ----------
     needs_clients : bool
-        Called with ``client_ctxs=`` (the prompts of this round's replies the rule accepted).
+        Called with ``client_arrays=`` (the learned arrays of this round's replies the rule accepted).
     at_start : bool
-        Applied once to the initial global prompt (round 0), never after an aggregation.
+        Applied once to the initial global arrays (round 0), never after an aggregation.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -84,27 +92,32 @@ def fusion_traits(*, needs_clients: bool = False, at_start: bool = False) -> Cal
     return deco
 
 
-def cross_entropy_fusion(model, features, labels, cfg, seed: int, steps: int) -> dict[str, float]:
-    """``steps`` SGD steps of cross-entropy on the labeled synthetic features at ``fusion-lr`` (no weight decay)."""
-    from fedsec.training import train_on_features
+def cross_entropy_fusion(model, data: LocalData, cfg, seed: int, steps: int) -> dict[str, float]:
+    """``steps`` SGD steps of cross-entropy on the labeled synthetic set at ``fusion-lr`` (no weight decay).
 
-    stats = train_on_features(
-        model, features, labels, steps, cfg.batch_size, float(cfg.get("fusion-lr")), cfg.momentum, 0.0, seed
-    )
+    The learner's own honest step (:func:`fedsec.training.train_learner`): cached features for a
+    text-only learner or a feature adapter, the images through the prompted encoder for visual prompts.
+    """
+    from fedsec.training import train_learner
+
+    stats = train_learner(
+        model, data, steps, cfg.batch_size, float(cfg.get("fusion-lr")), momentum=cfg.momentum, weight_decay=0.0,
+        seed=seed,
+    )  # fmt: skip
     return {"fusion-loss": stats["train-loss"], "fusion-acc": stats["train-acc"]}
 
 
 @FUSIONS.register("tune")
-def tune(model, features, labels, cfg, seed: int) -> dict[str, float]:
-    """Cross-entropy tuning of ``ctx`` on the labeled synthetic features (``fusion-steps``, every round)."""
-    return cross_entropy_fusion(model, features, labels, cfg, seed, int(cfg.get("fusion-steps")))
+def tune(model, data: LocalData, cfg, seed: int) -> dict[str, float]:
+    """Cross-entropy tuning of the learned arrays on the labeled synthetic set (``fusion-steps``, every round)."""
+    return cross_entropy_fusion(model, data, cfg, seed, int(cfg.get("fusion-steps")))
 
 
 @FUSIONS.register("init")
 @fusion_traits(at_start=True)
-def init(model, features, labels, cfg, seed: int) -> dict[str, float]:
-    """Cross-entropy pre-training of the initial ``ctx`` on the labeled synthetic features (FM-FL's initialisation)."""
-    return cross_entropy_fusion(model, features, labels, cfg, seed, int(cfg.get("fusion-init-steps")))
+def init(model, data: LocalData, cfg, seed: int) -> dict[str, float]:
+    """Cross-entropy pre-training of the initial arrays on the labeled synthetic set (FM-FL's initialisation)."""
+    return cross_entropy_fusion(model, data, cfg, seed, int(cfg.get("fusion-init-steps")))
 
 
 def ensemble_teacher(logits: Sequence[torch.Tensor], temperature: float, average: str = "logits") -> torch.Tensor:
@@ -152,9 +165,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor, tempe
     return temperature**2 * F.kl_div(log_student, teacher, reduction="batchmean")
 
 
+def learner_logits(model, data: LocalData, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``data`` (rows ``idx``, or all), through its image path when it learns one.
+
+    Visual prompts encode the images (gradients reach the prompts); otherwise the cached frozen
+    features, mapped by a feature adapter if any (:meth:`~fedsec.models.prompt.PromptCLIP.adapt`).
+    """
+    import torch
+
+    dev = model.prompt_learner.ctx.device
+    if getattr(model, "needs_images", False):
+        images = data.images if idx is None else data.images[idx]
+        return model(images.to(dev))
+    rows = torch.arange(len(data.labels)) if idx is None else idx
+    return model.logits_from_features(model.adapt(data.features[rows].to(dev)))
+
+
 def distil(
     model,
-    features: torch.Tensor,
+    data: LocalData,
     teacher: torch.Tensor,
     steps: int,
     batch_size: int,
@@ -163,14 +192,14 @@ def distil(
     temperature: float,
     seed: int,
 ) -> dict[str, float]:
-    """Distil ``teacher`` into ``model.prompt_learner.ctx`` on ``features`` (SGD; batches seeded by ``seed``).
+    """Distil ``teacher`` into every learned array of ``model`` on ``data`` (SGD; batches seeded by ``seed``).
 
     Parameters
     ----------
     model : fedsec.models.prompt.PromptCLIP
-        The student; anything with ``prompt_learner.ctx`` and ``logits_from_features(features)``.
-    features : torch.Tensor
-        ``N x E`` frozen image features.
+        The student: anything with ``learned()`` and the logits of :func:`learner_logits`.
+    data : fedsec.training.LocalData
+        The synthetic images and their frozen features (labels unused).
     teacher : torch.Tensor
         ``N x C`` soft labels (:func:`ensemble_teacher`).
     steps, batch_size, lr, momentum
@@ -189,25 +218,22 @@ def distil(
     """
     import torch
 
-    from fedsec.training import batches, sgd_for
+    from fedsec.training import batches
 
-    ctx = model.prompt_learner.ctx
-    dev = ctx.device
-    features, teacher = features.to(dev), teacher.to(dev)
+    teacher = teacher.to(model.prompt_learner.ctx.device)
 
     def whole_set() -> tuple[float, float]:
         with torch.no_grad():
-            logits = model.logits_from_features(features)
+            logits = learner_logits(model, data)
             kl = float(distillation_loss(logits, teacher, temperature))
             return kl, float((logits.argmax(-1) == teacher.argmax(-1)).float().mean())
 
     before, _ = whole_set()
-    opt = sgd_for(ctx, lr, momentum, 0.0)
+    opt = torch.optim.SGD(list(model.learned().values()), lr=lr, momentum=momentum, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for idx in batches(len(teacher), batch_size, steps, gen):
-        idx = idx.to(dev)
-        loss = distillation_loss(model.logits_from_features(features[idx]), teacher[idx], temperature)
+        loss = distillation_loss(learner_logits(model, data, idx), teacher[idx.to(teacher.device)], temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -223,32 +249,34 @@ def distil(
 
 @FUSIONS.register("kd")
 @fusion_traits(needs_clients=True)
-def kd(model, features, labels, cfg, seed: int, client_ctxs: Sequence[np.ndarray] = ()) -> dict[str, float]:
-    """FedDF ensemble distillation of the clients' prompts into the aggregate on the synthetic images (labels unused).
+def kd(model, data: LocalData, cfg, seed: int, client_arrays: Sequence[dict[str, np.ndarray]] = ()) -> dict[str, float]:
+    """FedDF ensemble distillation of the clients' models into the aggregate on the synthetic images (labels unused).
 
-    The student is ``model`` (holding the aggregate); the teacher is the ensemble of
-    ``client_ctxs`` on ``features`` (:func:`ensemble_teacher` with ``fusion-teacher`` at
-    ``fusion-temperature``). ``labels`` are ignored: FM-FL's distillation needs only the
-    foundation model's images (Li et al., arXiv 2401.10375; FedDF, Lin et al., NeurIPS 2020).
+    The student is ``model`` (holding the aggregate); the teacher is the ensemble of the
+    ``client_arrays`` (each loaded into the same learner) on the synthetic images
+    (:func:`ensemble_teacher` with ``fusion-teacher`` at ``fusion-temperature``). The labels are
+    ignored: FM-FL's distillation needs only the foundation model's images (Li et al., arXiv
+    2401.10375; FedDF, Lin et al., NeurIPS 2020).
     """
     import torch
 
-    del labels  # kd uses the synthetic images only
-    if len(client_ctxs) == 0:
-        log(WARNING, "server fusion (kd): no client prompt to distil this round; the aggregate is kept")
+    from fedsec.models.prompt import get_arrays, set_arrays
+
+    if len(client_arrays) == 0:
+        log(WARNING, "server fusion (kd): no client model to distil this round; the aggregate is kept")
         return {}
     temperature = float(cfg.get("fusion-temperature"))
-    ctx = model.prompt_learner.ctx
-    features = features.to(ctx.device)
+    aggregate = get_arrays(model)
+    logits = []
     with torch.no_grad():
-        logits = [
-            model.logits_from_features(features, torch.as_tensor(np.asarray(c), dtype=ctx.dtype, device=ctx.device))
-            for c in client_ctxs
-        ]
+        for arrays in client_arrays:
+            set_arrays(model, arrays)
+            logits.append(learner_logits(model, data))
         teacher = ensemble_teacher(logits, temperature, str(cfg.get("fusion-teacher")))
+    set_arrays(model, aggregate)
     stats = distil(
         model,
-        features,
+        data,
         teacher,
         int(cfg.get("fusion-steps")),
         cfg.batch_size,
@@ -257,66 +285,76 @@ def kd(model, features, labels, cfg, seed: int, client_ctxs: Sequence[np.ndarray
         temperature,
         seed,
     )
-    return {**stats, "fusion-teachers": float(len(client_ctxs))}
+    return {**stats, "fusion-teachers": float(len(client_arrays))}
 
 
 class ServerFusion(StrategyWrapper):
-    """Fuse the aggregate of ``inner`` with the server's synthetic data every round, or the initial prompt once.
+    """Fuse the aggregate of ``inner`` with the server's synthetic data every round, or the initial arrays once.
 
     Parameters
     ----------
     inner : Strategy
-        Any strategy whose aggregate holds the array ``array_name``.
+        Any strategy whose aggregate holds the arrays ``array_names``.
     fuse : callable or None
-        ``(array, server_round) -> (new array, metrics)``, called after every aggregation;
-        ``(array, server_round, client_arrays) -> ...`` when ``pass_clients``. ``None``: the
+        ``(arrays, server_round) -> (new arrays, metrics)``, called after every aggregation, with
+        ``arrays`` a dict of copies of the ``array_names`` arrays;
+        ``(arrays, server_round, client_arrays) -> ...`` when ``pass_clients``. ``None``: the
         aggregates are returned as ``inner`` made them (``server-fusion = "init"``).
     mode : str
         Name of the fusion (logs).
-    array_name : str
-        The array of the aggregate to fuse (a missing one raises :class:`~strategies.common.MissingKeyError`).
+    array_names : str or sequence of str
+        The arrays of the aggregate to fuse (the model's learned arrays; a missing one raises
+        :class:`~strategies.common.MissingKeyError`); every other array passes unchanged.
     arrayrecord_key : str
         Record key of the arrays in the replies (Flower's default ``"arrays"``); read only when ``pass_clients``.
     pass_clients : bool
-        Hand ``fuse`` the ``array_name`` array of every reply ``inner`` aggregated: the replies
+        Hand ``fuse`` the ``array_names`` arrays of every reply ``inner`` aggregated: the replies
         without error whose node ``inner``'s :class:`~strategies.detection.Detection` did not
         exclude (a robust rule's rejected clients do not teach the fused model). Copies: the
         replies are never changed.
     prepare : callable, optional
-        ``array -> (new array, metrics)``, applied to the initial global array by :meth:`initial_arrays`.
+        ``arrays -> (new arrays, metrics)``, applied to the initial global arrays by :meth:`initial_arrays`.
 
     Attributes
     ----------
-    pre_fusion_ctx : np.ndarray or None
-        The newest aggregate before fusion (the clients' model without the
-        synthetic data's influence; the activation-bound defense can filter
-        the synthetic set with it, ``bounds-data = "filtered"``).
+    pre_fusion_arrays : dict[str, np.ndarray] or None
+        The newest aggregate before fusion (the clients' model without the synthetic data's
+        influence; the activation-bound defense can filter the synthetic set with it,
+        ``bounds-data = "filtered"``).
     """
 
     def __init__(
         self,
         inner: Strategy,
-        fuse: Callable[..., tuple[np.ndarray, dict]] | None,
+        fuse: Callable[..., tuple[dict[str, np.ndarray], dict]] | None,
         mode: str,
-        array_name: str,
+        array_names: str | Sequence[str],
         *,
         arrayrecord_key: str = "arrays",
         pass_clients: bool = False,
-        prepare: Callable[[np.ndarray], tuple[np.ndarray, dict]] | None = None,
+        prepare: Callable[[dict[str, np.ndarray]], tuple[dict[str, np.ndarray], dict]] | None = None,
     ) -> None:
         self.inner = inner
         self.fuse = fuse
         self.mode = mode
-        self.array_name = array_name
+        self.array_names = (array_names,) if isinstance(array_names, str) else tuple(array_names)
+        if not self.array_names:
+            raise ValueError("ServerFusion needs the name of at least one array to fuse")
         self.arrayrecord_key = arrayrecord_key
         self.pass_clients = pass_clients
         self.prepare = prepare
-        self.pre_fusion_ctx: np.ndarray | None = None
+        self.pre_fusion_arrays: dict[str, np.ndarray] | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> Server fusion on synthetic data: %s", self.mode)
         self.inner.summary()
+
+    def _select(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        return {n: np.array(require_key(record, n, "server fusion").numpy(), copy=True) for n in self.array_names}
+
+    def _replace(self, record: ArrayRecord, new: dict[str, np.ndarray]) -> ArrayRecord:
+        return ArrayRecord({k: (Array(np.asarray(new[k])) if k in new else v) for k, v in record.items()})
 
     def initial_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The initial global arrays after ``inner``'s hook (if any) and ``prepare`` (if any).
@@ -329,44 +367,42 @@ class ServerFusion(StrategyWrapper):
             arrays = hook(arrays)
         if self.prepare is None:
             return arrays
-        ctx = require_key(arrays, self.array_name, "server fusion").numpy().copy()
-        new, stats = self.prepare(ctx)
-        log(INFO, "server fusion (%s) of the initial prompt: %s", self.mode, _rounded(stats))
-        return ArrayRecord({k: (Array(new) if k == self.array_name else v) for k, v in arrays.items()})
+        new, stats = self.prepare(self._select(arrays))
+        log(INFO, "server fusion (%s) of the initial arrays: %s", self.mode, _rounded(stats))
+        return self._replace(arrays, new)
 
-    def client_arrays(self, replies: Sequence[Message]) -> list[np.ndarray]:
-        """Copies of the ``array_name`` array of every reply ``inner`` aggregated (see ``pass_clients``)."""
+    def client_arrays(self, replies: Sequence[Message]) -> list[dict[str, np.ndarray]]:
+        """Copies of the ``array_names`` arrays of every reply ``inner`` aggregated (see ``pass_clients``)."""
         detection = detection_of(self.inner)
         excluded = set(detection.excluded) if detection is not None else set()
         out = []
         for msg in replies:
             if msg.has_error() or not msg.has_content() or node_id(msg) in excluded:
                 continue
-            record = require_key(msg.content, self.arrayrecord_key, "server fusion")
-            out.append(np.array(require_key(record, self.array_name, "server fusion").numpy(), copy=True))
+            out.append(self._select(require_key(msg.content, self.arrayrecord_key, "server fusion")))
         return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate with ``inner``, then fuse the global ``array_name`` on the synthetic data."""
+        """Aggregate with ``inner``, then fuse the global ``array_names`` arrays on the synthetic data."""
         replies = list(replies)  # read twice: by ``inner`` and for the clients' arrays
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        self.pre_fusion_ctx = require_key(arrays, self.array_name, "server fusion").numpy().copy()
+        self.pre_fusion_arrays = self._select(arrays)
         if self.fuse is None:
             return arrays, metrics
+        current = {k: v.copy() for k, v in self.pre_fusion_arrays.items()}
         if self.pass_clients:
-            ctx, stats = self.fuse(self.pre_fusion_ctx, server_round, self.client_arrays(replies))
+            new, stats = self.fuse(current, server_round, self.client_arrays(replies))
         else:
-            ctx, stats = self.fuse(self.pre_fusion_ctx, server_round)
-        out = ArrayRecord({k: (Array(ctx) if k == self.array_name else v) for k, v in arrays.items()})
+            new, stats = self.fuse(current, server_round)
         merged = MetricRecord(dict(metrics.items()) if metrics is not None else {})
         for key, value in stats.items():
             merged[key] = float(value)
         log(INFO, "server fusion (%s): %s", self.mode, _rounded(stats))
-        return out, merged
+        return self._replace(arrays, new), merged
 
 
 def _rounded(stats: dict) -> dict[str, float]:
@@ -374,22 +410,13 @@ def _rounded(stats: dict) -> dict[str, float]:
 
 
 def synthetic_prompt_model(cfg, synthetic) -> tuple:
-    """A server-side prompt classifier over the synthetic set's classes and the set's frozen features."""
+    """The frozen CLIP and a server-side model of the run's learner over the synthetic set's classes."""
     from fedsec.caches import clip_for
+    from fedsec.models.learners import build_learner
     from fedsec.models.prompt import build_prompt_model
 
     clip = clip_for(cfg)
-    return clip, build_prompt_model(cfg, clip, synthetic.classnames)
-
-
-def _learner_problem(cfg) -> str | None:
-    """Server fusion trains ``ctx`` on the synthetic data; an image-path learner has no such path yet."""
-    if str(cfg.get("server-fusion")) == "none":
-        return None
-    return (
-        f"run-config server-fusion={cfg.get('server-fusion')!r} has no path for learner={cfg.learner!r} (weights in "
-        "the image path: fusion trains ctx alone); use learner='coop', or server-fusion='none'"
-    )
+    return clip, build_learner(cfg, build_prompt_model(cfg, clip, synthetic.classnames))
 
 
 @register_wrapper(
@@ -420,44 +447,46 @@ def _learner_problem(cfg) -> str | None:
     order=10,
 )
 def server_fusion(inner: Strategy, sctx: StrategyContext) -> Strategy:
-    """``ServerFusion`` around ``inner`` unless ``server-fusion = "none"``."""
+    """``ServerFusion`` around ``inner`` unless ``server-fusion = "none"``; it fuses every learned array."""
     cfg = sctx.cfg
     mode = str(cfg.get("server-fusion"))
     if mode == "none":
         return inner
     if sctx.synthetic_data is None:
         raise ValueError("server-fusion needs the server's synthetic data (StrategyContext.synthetic_data)")
-    if sctx.array_name is None:
-        raise ValueError("server-fusion needs the name of the prompt array (StrategyContext.array_name)")
+    names = sctx.learned_names()
+    if not names:
+        raise ValueError("server-fusion needs the names of the learned arrays (StrategyContext.array_names)")
     fusion = FUSIONS.get(mode)
     needs_clients = bool(getattr(fusion, "needs_clients", False))
     state: dict = {}
 
-    def run(ctx: np.ndarray, server_round: int, client_ctxs: list[np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
-        from fedsec.node import get_ctx, set_ctx
+    def run(
+        arrays: dict[str, np.ndarray], server_round: int, client_arrays: list[dict[str, np.ndarray]] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        from fedsec.models.prompt import get_arrays, set_arrays
+        from fedsec.training import LocalData
 
         if not state:
             synthetic = sctx.synthetic_data()
             clip, model = synthetic_prompt_model(cfg, synthetic)
-            state.update(model=model, features=clip.encode_images_batched(synthetic.images), labels=synthetic.labels)
-        set_ctx(state["model"], ctx)
+            features = clip.encode_images_batched(synthetic.images)
+            state.update(model=model, data=LocalData(synthetic.images, synthetic.labels, features))
+        set_arrays(state["model"], arrays)
         seed = cfg.seed * 7_919 + server_round
         if needs_clients:
-            stats = fusion(state["model"], state["features"], state["labels"], cfg, seed, client_ctxs=client_ctxs or [])
+            stats = fusion(state["model"], state["data"], cfg, seed, client_arrays=client_arrays or [])
         else:
-            stats = fusion(state["model"], state["features"], state["labels"], cfg, seed)
-        return get_ctx(state["model"]), stats
+            stats = fusion(state["model"], state["data"], cfg, seed)
+        return get_arrays(state["model"]), stats
 
     if getattr(fusion, "at_start", False):
-        return ServerFusion(inner, None, mode, sctx.array_name, prepare=lambda ctx: run(ctx, 0))
+        return ServerFusion(inner, None, mode, names, prepare=lambda arrays: run(arrays, 0))
     return ServerFusion(
         inner,
         run,
         mode,
-        sctx.array_name,
+        names,
         arrayrecord_key=sctx.arrayrecord_key or "arrays",
         pass_clients=needs_clients,
     )
-
-
-server_fusion.learner_problem = _learner_problem  # type: ignore[attr-defined]

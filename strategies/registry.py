@@ -53,8 +53,10 @@ class StrategyContext:
     client_id_key : str, optional
         Metric of a reply holding a stable client identity (``None``: node ids).
     array_name : str, optional
-        The array of the ``ArrayRecord`` that server-side model code (fusion,
-        activation bounds) acts on; the wrappers that need it refuse ``None``.
+        The model's main array in the ``ArrayRecord`` (fedsec's text context ``ctx``).
+    array_names : tuple of str, optional
+        Every learned array of the model in the ``ArrayRecord``, which server-side model code
+        (fusion, activation bounds) acts on (``None``: ``array_name`` alone; see :meth:`learned_names`).
     """
 
     cfg: RunConfig
@@ -65,6 +67,13 @@ class StrategyContext:
     weighted_by_key: str | None = None
     client_id_key: str | None = None
     array_name: str | None = None
+    array_names: tuple[str, ...] | None = None
+
+    def learned_names(self) -> tuple[str, ...]:
+        """The learned arrays server-side model code acts on: ``array_names``, else ``(array_name,)``, else ``()``."""
+        if self.array_names:
+            return tuple(self.array_names)
+        return (self.array_name,) if self.array_name else ()
 
     def fedavg_kwargs(self) -> dict:
         """Sampling keyword arguments shared by every FedAvg-derived rule."""

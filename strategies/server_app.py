@@ -127,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key=WEIGHTED_BY_KEY,
         client_id_key=CLIENT_ID_KEY,
         array_name=PROMPT_ARRAY,
+        array_names=tuple(evaluation.init_arrays),  # the learner's arrays: fusion and bounds act on all of them
     )
     known_nodes: dict[int, int] = {}
 

@@ -261,18 +261,18 @@ def test_resumed_bound_learner_continues_from_the_checkpointed_bounds(tmp_path):
     ctxs = {
         r: ctx0 + 0.05 * r * np.random.default_rng(r).normal(size=ctx0.shape).astype(np.float32) for r in range(1, 5)
     }
-    expected = {r: ref(ctxs[r], r)[0] for r in range(1, 5)}
+    expected = {r: ref({"ctx": ctxs[r]}, r)[0] for r in range(1, 5)}
     # Execute: 2 rounds, the strategy state through an npz file, a new learner resumes rounds 3-4
     first = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic), "ctx")
     for r in (1, 2):
-        first.bounds, _ = first.learn(ctxs[r], r)
+        first.bounds, _ = first.learn({"ctx": ctxs[r]}, r)
     np.savez(tmp_path / "state.npz", **collect_state(first, include_rng=False))
     resumed = ActivationBoundWrapper(_FedAvg(), BoundLearner(cfg, lambda: synthetic), "ctx")
     with np.load(tmp_path / "state.npz") as saved:
         restore_state(resumed, dict(saved))
     broadcast = bounds_from_content(RecordDict(resumed.broadcast_records)).to_arrays()
-    got = {r: resumed.learn(ctxs[r], r)[0] for r in (3, 4)}
-    fresh = BoundLearner(cfg, lambda: synthetic)(ctxs[3], 3)[0]
+    got = {r: resumed.learn({"ctx": ctxs[r]}, r)[0] for r in (3, 4)}
+    fresh = BoundLearner(cfg, lambda: synthetic)({"ctx": ctxs[3]}, 3)[0]
     # Assert: the resumed run sends round 2's bounds and then learns exactly what the uninterrupted one did
     assert all(np.array_equal(broadcast[k], v) for k, v in expected[2].items())
     for r in (3, 4):
@@ -300,9 +300,9 @@ def test_filtered_bounds_are_learned_only_on_images_the_reference_prompt_agrees_
     labels = pred.clone()
     labels[20:] = (pred[20:] + 1) % 10  # "poisoned": a label the reference never predicts
     learner = BoundLearner(cfg, lambda: SyntheticSet(images, labels, names))
-    learner.reference = reference
+    learner.reference = {"ctx": reference}
     # Execute
-    bounds, stats = learner(reference, 1)
+    bounds, stats = learner({"ctx": reference}, 1)
     expected = init_bounds(
         learner.state["clip"].model, learner.state["clip"].encode_images, images[:20], learner.state["layers"], "neuron"
     ).to_arrays()
@@ -314,22 +314,22 @@ def test_filtered_bounds_are_learned_only_on_images_the_reference_prompt_agrees_
 def test_unfused_shadow_adds_the_clients_updates_without_the_fusion_step():
     # Prepare: a wrapper whose inner exposes the pre-fusion aggregate, as ServerFusion does
     class _Fused:
-        pre_fusion_ctx = None
+        pre_fusion_arrays = None
 
     inner = _Fused()
     wrapper = ActivationBoundWrapper(inner, lambda ctx, rnd: ({}, {}), "ctx")  # type: ignore[arg-type]
     g0, p1, fused1, p2 = (np.full((1, 2), v, np.float32) for v in (0.0, 1.0, 5.0, 7.0))
     # Execute: round 1 sends g0, clients move it to p1, fusion makes fused1; round 2 sends fused1, clients reach p2
-    wrapper._sent, inner.pre_fusion_ctx = g0, p1
-    first = wrapper._advance_shadow(fused1).copy()
-    wrapper._sent, inner.pre_fusion_ctx = fused1, p2
-    second = wrapper._advance_shadow(np.zeros((1, 2), np.float32)).copy()
+    wrapper._sent, inner.pre_fusion_arrays = {"ctx": g0}, {"ctx": p1}
+    first = wrapper._advance_shadow({"ctx": fused1})["ctx"].copy()
+    wrapper._sent, inner.pre_fusion_arrays = {"ctx": fused1}, {"ctx": p2}
+    second = wrapper._advance_shadow({"ctx": np.zeros((1, 2), np.float32)})["ctx"].copy()
     restored = ActivationBoundWrapper(_Fused(), lambda ctx, rnd: ({}, {}), "ctx")  # type: ignore[arg-type]
     restored.load_state_dict(wrapper.state_dict())
     # Assert: shadow = g0 + (p1 - g0) = 1, then + (p2 - fused1) = 1 + 2 = 3; it survives a checkpoint
     np.testing.assert_allclose(first, [[1.0, 1.0]])
     np.testing.assert_allclose(second, [[3.0, 3.0]])
-    np.testing.assert_allclose(restored.shadow, second)
+    np.testing.assert_allclose(restored.shadow["ctx"], second)
 
 
 def test_learner_with_two_sided_bounds_sends_lower_entries_below_the_upper_ones():
@@ -353,7 +353,7 @@ def test_learner_with_two_sided_bounds_sends_lower_entries_below_the_upper_ones(
     learner = BoundLearner(cfg, lambda: synthetic)
     learner._setup()
     # Execute
-    bounds, _ = learner(get_ctx(learner.state["model"]), 1)
+    bounds, _ = learner({"ctx": get_ctx(learner.state["model"])}, 1)
     # Assert: one upper and one lower entry per layer, lower below upper (equal where an activation is constant,
     # e.g. the class token at ln_pre), and the record round trip keeps both
     layers = learner.state["layers"]

@@ -14,8 +14,11 @@ pytestmark = [pytest.mark.e2e, needs_fmnist]
 
 
 def test_fm_poison_with_activation_bounds_runs_and_reports_both_metrics(tmp_path):
-    # Prepare: 3 clients, 2 rounds, small settings; the cheap fixed patch (the optimised one is for experiments)
+    # Prepare: 3 clients, 2 rounds, small settings; the FM-FL papers' fixed patch; CLIP-Adapter, so fusion and
+    # bounds act on a learner's named arrays (adapter-down, adapter-up) and on its own hidden layer
     cfg = {
+        "learner": "clip-adapter",
+        "lr": 2.0,
         "num-server-rounds": 2,
         "k-shot": 4,
         "local-steps": 5,
@@ -29,6 +32,7 @@ def test_fm_poison_with_activation_bounds_runs_and_reports_both_metrics(tmp_path
         "synthetic-per-class": 10,
         "activation-bounds": True,
         "bounds-steps": 3,
+        "bounds-layers": "visual.transformer.resblocks.*,adapter.hidden",
         "run-dir": str(tmp_path / "run"),
     }
     # Execute
@@ -42,6 +46,8 @@ def test_fm_poison_with_activation_bounds_runs_and_reports_both_metrics(tmp_path
     assert summary["malicious_partitions"] == [] and "asr_nobounds" in summary
     assert (tmp_path / "run" / "attacker" / "round_0000" / "p-1.pt").exists()
     with np.load(tmp_path / "run" / "final_bounds.npz") as z:
-        assert len(z.files) == 4 and z[z.files[0]].shape == (65, 128)
+        assert len(z.files) == 5 and z[z.files[0]].shape == (65, 128) and z["adapter.hidden"].shape == (32,)
     with np.load(tmp_path / "run" / "checkpoints" / "round_0002.npz") as z:
-        assert sum(k.startswith("bounds:") for k in z.files) == 4
+        assert sum(k.startswith("bounds:") for k in z.files) == 5
+        assert {"adapter-down", "adapter-up"} <= set(z.files)
+    assert json.loads((tmp_path / "run" / "final_prompt.json").read_text())["learner"] == "clip-adapter"

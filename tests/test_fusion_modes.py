@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Error
 from flwr.serverapp.strategy import FedAvg
 
 import strategies.fusion as fusion_mod
-from fedsec.training import train_on_features
+from fedsec.training import LocalData, train_on_features
 from strategies.base import RoundUpdates, RuleOutput, UpdateRule
 from strategies.fusion import (
     FUSIONS,
@@ -64,11 +64,19 @@ class LinearPrompt(torch.nn.Module):
         """No feature adapter (``PromptCLIP.adapt``)."""
         return features
 
+    #: Its image path learns nothing (``PromptCLIP.needs_images``): the fusions use the cached features.
+    needs_images = False
+
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic features ``N x E`` and labels (every class present)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(N_IMG, DIM, generator=gen), torch.arange(N_IMG) % N_CLS
+
+
+def _set(features: torch.Tensor, labels: torch.Tensor) -> LocalData:
+    """The synthetic set as the fusions take it (the stand-in's "images" are its features)."""
+    return LocalData(features, labels, features)
 
 
 def _ctx(seed: int) -> np.ndarray:
@@ -183,7 +191,7 @@ def test_kd_moves_the_student_towards_the_clients_ensemble(teacher):
     before = kl_to_teacher(student.prompt_learner.ctx.detach().numpy())
 
     # Execute
-    stats = kd(student, features, labels, sctx.cfg, seed=7, client_ctxs=clients)
+    stats = kd(student, _set(features, labels), sctx.cfg, seed=7, client_arrays=[{"ctx": c} for c in clients])
 
     # Assert: the stats report the same KL as computed by hand, and it fell
     after = kl_to_teacher(student.prompt_learner.ctx.detach().numpy())
@@ -200,7 +208,7 @@ def test_kd_without_clients_keeps_the_aggregate():
     student = LinearPrompt(_ctx(3))
 
     # Execute
-    stats = kd(student, features, labels, sctx.cfg, seed=0, client_ctxs=[])
+    stats = kd(student, _set(features, labels), sctx.cfg, seed=0, client_arrays=[])
 
     # Assert
     assert stats == {}
@@ -219,8 +227,9 @@ def test_kd_ignores_the_synthetic_labels():
     one, two = LinearPrompt(_ctx(3)), LinearPrompt(_ctx(3))
 
     # Execute
-    s1 = kd(one, features, labels, sctx.cfg, seed=11, client_ctxs=clients)
-    s2 = kd(two, features, permuted, sctx.cfg, seed=11, client_ctxs=clients)
+    teachers = [{"ctx": c} for c in clients]
+    s1 = kd(one, _set(features, labels), sctx.cfg, seed=11, client_arrays=teachers)
+    s2 = kd(two, _set(features, permuted), sctx.cfg, seed=11, client_arrays=teachers)
 
     # Assert: bit-identical prompts and statistics
     assert torch.equal(one.prompt_learner.ctx, two.prompt_learner.ctx)
@@ -238,7 +247,7 @@ def test_tune_is_train_on_features_with_the_fusion_keys():
     ours, reference = LinearPrompt(_ctx(3)), LinearPrompt(_ctx(3))
 
     # Execute
-    stats = tune(ours, features, labels, cfg, 123)
+    stats = tune(ours, _set(features, labels), cfg, 123)
     ref = train_on_features(reference, features, labels, 5, 8, 0.1, cfg.momentum, 0.0, 123)
 
     # Assert
@@ -257,11 +266,11 @@ def test_the_tune_wrapper_fuses_every_aggregate_with_the_round_seed(stand_in):
     train_on_features(reference, features, labels, 5, 8, 0.1, sctx.cfg.momentum, 0.0, sctx.cfg.seed * 7_919 + 3)
 
     # Execute
-    fused, stats = strategy.fuse(start, 3)
+    fused, stats = strategy.fuse({"ctx": start}, 3)
 
     # Assert
     assert isinstance(strategy, ServerFusion) and strategy.pass_clients is False and strategy.prepare is None
-    np.testing.assert_array_equal(fused, reference.prompt_learner.ctx.detach().numpy())
+    np.testing.assert_array_equal(fused["ctx"], reference.prompt_learner.ctx.detach().numpy())
     assert set(stats) == {"fusion-loss", "fusion-acc"}
 
 
@@ -326,11 +335,11 @@ def test_the_wrapper_passes_every_accepted_replys_array_and_mutates_no_reply():
     # Prepare: node 3 is excluded by the rule (negative update), node 4 sent an error
     seen: dict = {}
 
-    def fuse(ctx, server_round, client_ctxs):
-        seen.update(ctx=ctx, round=server_round, clients=client_ctxs)
-        for c in client_ctxs:
-            c += 100.0  # the fusion owns its copies
-        return ctx + 1.0, {"fusion-x": 1.0}
+    def fuse(arrays, server_round, client_arrays):
+        seen.update(ctx=arrays["ctx"], round=server_round, clients=[c["ctx"] for c in client_arrays])
+        for c in client_arrays:
+            c["ctx"] += 100.0  # the fusion owns its copies
+        return {"ctx": arrays["ctx"] + 1.0}, {"fusion-x": 1.0}
 
     rule = DropNegative(**SMALL)
     strategy = ServerFusion(rule, fuse, "kd", "ctx", arrayrecord_key="arrays", pass_clients=True)
@@ -366,14 +375,15 @@ def test_the_kd_wrapper_distils_the_accepted_clients_with_the_round_seed(stand_i
     features, labels = _data()
     aggregate = np.mean([_ctx(1), _ctx(2)], axis=0)
     reference = LinearPrompt(aggregate)
-    ref_stats = kd(reference, features, labels, sctx.cfg, sctx.cfg.seed * 7_919 + 1, client_ctxs=[_ctx(1), _ctx(2)])
+    teachers = [{"ctx": _ctx(1)}, {"ctx": _ctx(2)}]
+    ref_stats = kd(reference, _set(features, labels), sctx.cfg, sctx.cfg.seed * 7_919 + 1, client_arrays=teachers)
 
     # Execute
     arrays, metrics, _ = run_round(strategy, start, contents)
 
     # Assert
     assert strategy.pass_clients is True
-    np.testing.assert_allclose(strategy.pre_fusion_ctx, aggregate, rtol=1e-6)
+    np.testing.assert_allclose(strategy.pre_fusion_arrays["ctx"], aggregate, rtol=1e-6)
     np.testing.assert_allclose(ctx_of(arrays), reference.prompt_learner.ctx.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert metrics["fusion-teachers"] == 2.0
     assert metrics["fusion-kl-after"] == pytest.approx(ref_stats["fusion-kl-after"], rel=1e-4)

@@ -38,14 +38,27 @@ def test_the_validation_split_is_the_clients_pool_minus_every_clients_shots():
             "attack='dual-embedding' has no path for learner='vpt-shallow'",
         ),
         ({"attack": "badpromptfl", "num-malicious": 2}, "attack='badpromptfl' has no path for learner='vpt-shallow'"),
-        ({"activation-bounds": True}, "activation-bounds = true has no path for learner='vpt-shallow'"),
-        ({"server-fusion": "tune"}, "server-fusion='tune' has no path for learner='vpt-shallow'"),
     ],
 )
-def test_attacks_and_defenses_without_an_image_path_refuse_such_a_learner_up_front(values, message):
+def test_attacks_without_an_image_path_refuse_such_a_learner_up_front(values, message):
     # Prepare / Execute / Assert: one clear error from the config check, before anything runs
     with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_mapping({"learner": "vpt-shallow", **values})
+
+
+@pytest.mark.parametrize("learner", ["vpt-shallow", "vpt-deep", "clip-adapter"])
+@pytest.mark.parametrize("fusion", ["tune", "kd", "init"])
+def test_fm_poison_fusion_and_bounds_accept_every_image_path_learner(learner, fusion):
+    # Prepare / Execute: the FM-FL setting with the defense, on an image-path learner
+    cfg = RunConfig.from_mapping(
+        {"learner": learner, "attack": "fm-poison", "num-malicious": 0, "server-fusion": fusion,
+         "activation-bounds": True}
+    )  # fmt: skip
+    # Assert: accepted as given; the FM's trigger defaults to the papers' fixed patch
+    assert (cfg.learner, cfg.attack, cfg.get("server-fusion"), cfg.get("activation-bounds")) == (
+        learner, "fm-poison", fusion, True
+    )  # fmt: skip
+    assert cfg.get("fm-trigger") == "patch"
 
 
 def test_the_learners_are_registered_with_their_keys_and_image_path_flag():

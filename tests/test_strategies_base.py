@@ -139,12 +139,12 @@ def test_a_missing_array_raises_one_clear_error(wrapper):
     # Prepare: replies without the array the wrapper was told to act on
     inner = FedAvg(**SMALL)
     if wrapper == "fusion":
-        strategy = ServerFusion(inner, lambda a, r: (a, {}), "tune", array_name="prompt")
+        strategy = ServerFusion(inner, lambda a, r: (a, {}), "tune", array_names="prompt")
         instructions = configure(strategy, np.zeros((1, 2), np.float32), [1])
         replies = replies_to(instructions, {1: train_content(np.ones((1, 2), np.float32))})
         call = lambda: strategy.aggregate_train(1, replies)  # noqa: E731
     else:
-        strategy = ActivationBoundWrapper(inner, lambda a, r: ({}, {}), array_name="prompt")
+        strategy = ActivationBoundWrapper(inner, lambda a, r: ({}, {}), array_names="prompt")
         call = lambda: configure(strategy, np.zeros((1, 2), np.float32), [1])  # noqa: E731
 
     # Execute / Assert: the key and the keys present are named

@@ -7,11 +7,12 @@ foundation model that writes the server's synthetic set is compromised, so a
 that set every round, so the backdoor reaches the global model, and through it
 every client, without any anomalous client update for a defense to see.
 
-The trigger (``fm-trigger``): ``patch`` (BadNets' checkerboard, ``patch-size``
-at ``patch-top``/``patch-left``) or ``blend`` (Blended's fixed pattern with
-``blend-alpha``), or ``optimized`` (default: a patch the attacker optimises
-offline against the public frozen CLIP with a surrogate prompt, see
-:func:`_optimized`). It is written to the attacker store (``round_0000``), where
+The trigger (``fm-trigger``): ``patch`` (default: BadNets' checkerboard,
+``patch-size`` at ``patch-top``/``patch-left``, the FM-FL papers' fixed
+trigger) or ``blend`` (Blended's fixed pattern with ``blend-alpha``), or
+``optimized`` (the stronger white-box option: a patch the attacker optimises
+offline against the public frozen CLIP with a surrogate CoOp prompt, see
+:func:`_optimized`, whatever the federation's learner). It is written to the attacker store (``round_0000``), where
 only the evaluation reads it.
 """
 
@@ -134,7 +135,12 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
             "clean: target-class images triggered, labels kept (clean-label)",
             choices=("dirty", "clean"),
         ),
-        Param("fm-trigger", "optimized", "the FM attacker's trigger", choices=lambda: FM_TRIGGERS.names()),
+        Param(
+            "fm-trigger",
+            "patch",
+            "the FM attacker's trigger: patch or blend (fixed, the FM-FL papers), optimized (white-box)",
+            choices=lambda: FM_TRIGGERS.names(),
+        ),
         Param("fm-trigger-steps", 150, "Adam steps of the optimised trigger", range=(0, None)),
         Param("fm-backdoor-weight", 2.0, "weight of CE(target | patch(x)) when optimising it", range=(0.0, None)),
         Param("fm-trigger-lr", 0.05, "learning rate of the optimised trigger", range=(0.0, None)),
@@ -146,6 +152,8 @@ class FMPoison(Attack):
     """Poison ``fm-poison-rate`` of the synthetic set with a fixed trigger and the target label."""
 
     client_side = False
+    #: The synthetic set is poisoned before any learner sees it; fusion trains whatever the learner learns.
+    image_path_learners = True
 
     @classmethod
     def config_problem(cls, c) -> str | None:

@@ -36,6 +36,9 @@ class FeatureAdapter(nn.Module):
     ----------
     down, up : nn.Parameter
         ``width / reduction x width`` and ``width x width / reduction``: the learned arrays.
+    hidden : nn.Identity
+        Marks the bottleneck's hidden activations ``ReLU(f W_down^T)`` as a module (``adapter.hidden``
+        under :meth:`~fedsec.models.prompt.PromptCLIP.bound_root`), so activation bounds can clamp them.
     """
 
     def __init__(self, width: int, reduction: int = 4, ratio: float = 0.2, seed: int = 0) -> None:
@@ -48,10 +51,11 @@ class FeatureAdapter(nn.Module):
         self.up = nn.Parameter(torch.empty(width, width // reduction))
         for w in (self.down, self.up):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=gen)
+        self.hidden = nn.Identity()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """L2-normalised adapted features of (normalised or not) image features ``n x width``."""
-        x = F.relu(F.relu(features @ self.down.T) @ self.up.T)
+        x = F.relu(self.hidden(F.relu(features @ self.down.T)) @ self.up.T)
         return F.normalize(self.ratio * x + (1.0 - self.ratio) * features, dim=-1)
 
 

@@ -230,6 +230,26 @@ class PromptCLIP(nn.Module):
             out["adapter-down"], out["adapter-up"] = self.feature_adapter.down, self.feature_adapter.up
         return out
 
+    def bound_root(self) -> nn.Module:
+        """The module whose layer names activation bounds use (``bounds-layers``).
+
+        The frozen CLIP's modules under their open_clip names (``visual.ln_pre``,
+        ``visual.transformer.resblocks.3``, ...) plus the learner's own modules in the image
+        path: ``adapter`` (CLIP-Adapter; its hidden layer is ``adapter.hidden``). The modules
+        are shared, not copied: :func:`fedsec.activation_bounds.bounded` on this root clamps
+        every forward pass of the model. Visual prompts add no module: they join the encoder's
+        blocks, whose bounds then cover the prompt tokens too.
+        """
+        root = self.__dict__.get("_bound_root")
+        if root is None:
+            root = nn.Module()
+            for name, child in self.clip.model.named_children():
+                root.add_module(name, child)
+            if self.feature_adapter is not None:
+                root.add_module("adapter", self.feature_adapter)
+            self.__dict__["_bound_root"] = root  # not a submodule: the CLIP's weights stay out of state_dict()
+        return root
+
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
         """The learner's features from the (prompted) encoder's: the feature adapter's map, or as they are."""
         if self.feature_adapter is None:
