@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     model = learner_model_for(cfg, tuple(classnames))
     set_arrays(model, received_arrays(msg))
     clip = clip_for(cfg)
-    bounds = training_bounds(cfg, bounds_from_content(msg.content))  # activation bounds, when the server sends them
+    received = bounds_from_content(msg.content)  # activation bounds, when the server sends them
 
     malicious = cfg.attack != "none" and pid in malicious_partitions(
         n, cfg.num_malicious, cfg.seed, str(cfg.get("malicious-ids"))
@@ -82,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_cls(cfg, cfg.resolved_run_dir(context.run_id) / "attacker")
     if malicious and not attack.is_active(server_round):
         attack = get_attack("none")(cfg, attack.store)
+    bounds = attack.training_bounds(received, training_bounds(cfg, received))  # an adaptive attacker's own choice
     data = local_data_under_bounds(data, model, bounds, (pid, n))
     attack.round_config = dict(msg.content["config"])  # e.g. FedProx's proximal-mu
     with bounded(model.bound_root(), bounds):

@@ -24,6 +24,12 @@ COMMON_PARAMS: tuple[Param, ...] = (
         "then clip its L2 norm to this multiple of the attacker's own honest update (0 = off)",
         range=(0.0, None),
     ),
+    Param(
+        "attack-under-bounds",
+        False,
+        "adaptive attacker: optimise under the activation bounds (clients: the bounds the server sends; "
+        "fm-poison: the bounds its own clean synthetic images give under the run's bounds-* settings)",
+    ),
 )
 
 #: Keys of a square patch trigger (badpromptfl, badnets, dual-embedding's placement, fm-poison).
@@ -251,6 +257,27 @@ class Attack:
                 "use learner='coop', or attack='none'"
             )
         return None
+
+    def training_bounds(self, received, honest):
+        """The activation bounds this client trains under.
+
+        Parameters
+        ----------
+        received : ActivationBounds or None
+            The bounds the server sent (every client gets them).
+        honest : ActivationBounds or None
+            What an honest client trains under (``received``, or ``None`` with
+            ``bounds-client-training = false``).
+
+        Returns
+        -------
+        ActivationBounds or None
+            ``honest``; an attack with ``attack-under-bounds = true`` takes ``received``: it knows
+            the deployed model is clamped, and optimises its trigger and model through the clamps.
+        """
+        if self.name != "none" and self.client_side and bool(self.cfg.get("attack-under-bounds")):
+            return received
+        return honest
 
     def load_trigger(self, before_round: int | None = None):
         """The attackers' newest trigger (an ``nn.Module`` on ``[0, 1]`` images) or ``None``."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
 
+from fedsec.activation_bounds import bounded
 from fedsec.attacks.base import BLEND_ALPHA, PATCH_PARAMS, Attack, register_attack
 from fedsec.attacks.poisoning import checkerboard, clean_label_indices, poison_indices
 from fedsec.models.prompt import build_prompt_model
@@ -67,6 +68,13 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     Adam steps at ``fm-trigger-lr``. A plain checkerboard barely moves this
     encoder's features (cosine 0.997 to the clean image), so no prompt can
     learn it; the optimised patch moves them where a prompt can.
+
+    With ``attack-under-bounds = true`` the FM attacker adapts to the activation-bound
+    defense, whose settings (``bounds-*``) it knows: it computes the bounds the defense's
+    initialisation would give on its own clean synthetic images (the defense learns them
+    on the same images), clean images only, and optimises the patch and its surrogate
+    through those clamps (:func:`attacker_bounds`), so the trigger works inside the
+    activation range the defense allows.
     """
     from fedsec.data import load_dataset
     from fedsec.node import clip_for
@@ -95,6 +103,7 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
             seed,
             len(images),
             float(images.sum()),
+            *_bounds_key(cfg),
         ]
     )
     cache = Path(os.environ.get("FEDSEC_CACHE_DIR", Path.home() / ".cache" / "fedsec")) / "fm-trigger"
@@ -107,14 +116,17 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     trigger = PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), seed=seed)
     opt = torch.optim.Adam([*trigger.parameters(), surrogate.ctx], lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    feats = clip.encode_images_batched(images)
+    clamps = attacker_bounds(cfg, model, images) if bool(cfg.get("attack-under-bounds")) else None
+    with bounded(model.bound_root(), clamps):
+        feats = clip.encode_images_batched(images)
     target = torch.full((32,), int(cfg.target_label), dtype=torch.long)
-    log(INFO, "[fedsec] fm-poison: optimising the trigger (%d steps)", steps)
+    log(INFO, "[fedsec] fm-poison: optimising the trigger (%d steps%s)", steps, ", under bounds" if clamps else "")
     for _ in range(steps):
         idx = torch.randperm(len(images), generator=gen)[:32]
-        loss = F.cross_entropy(model.logits_from_features(feats[idx]), labels[idx]) + lam * F.cross_entropy(
-            model(trigger(images[idx])), target[: len(idx)]
-        )
+        with bounded(model.bound_root(), clamps):
+            loss = F.cross_entropy(model.logits_from_features(feats[idx]), labels[idx]) + lam * F.cross_entropy(
+                model(trigger(images[idx])), target[: len(idx)]
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,6 +134,42 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(trigger.state(), path)
     return trigger.eval()
+
+
+def _bounds_key(cfg) -> list:
+    """The settings an adaptive FM attacker's trigger depends on (nothing without ``attack-under-bounds``)."""
+    if not bool(cfg.get("attack-under-bounds")):
+        return []
+    keys = ("bounds-layers", "bounds-granularity", "bounds-init-quantile", "bounds-two-sided")
+    return ["under-bounds", *(cfg.get(k) for k in keys)]
+
+
+def attacker_bounds(cfg, model, images: torch.Tensor):
+    """The bounds the defense's initialisation gives on the attacker's clean synthetic ``images``.
+
+    The layers of ``bounds-layers`` that the attacker's surrogate (a CoOp prompt on the frozen
+    CLIP) has, at ``bounds-init-quantile`` per ``bounds-granularity`` (two-sided with
+    ``bounds-two-sided``): what :class:`fedsec.bounds_clip.BoundLearner` starts from on the same
+    images. Layers of a learner the attacker does not model (``adapter.*``) are skipped.
+    """
+    from fedsec.activation_bounds import init_bounds, match_layer
+
+    root = model.bound_root()
+    names = [n for n, _ in root.named_modules() if n]
+    patterns = [p.strip() for p in str(cfg.get("bounds-layers")).split(",") if p.strip()]
+    layers = [n for n in names if any(match_layer(n, p) for p in patterns)]
+    if not layers:
+        return None
+    return init_bounds(
+        root,
+        model.encode_images,
+        images,
+        layers,
+        str(cfg.get("bounds-granularity")),
+        float(cfg.get("bounds-init-quantile")),
+        two_sided=bool(cfg.get("bounds-two-sided")),
+        channel_dim=-1,
+    )
 
 
 @register_attack(
@@ -167,6 +215,11 @@ class FMPoison(Attack):
             )
         if not 0.0 <= float(c.get("fm-poison-rate")) <= 1.0:
             return f"run-config fm-poison-rate={c.get('fm-poison-rate')!r} is out of range [0, 1]"
+        if bool(c.get("attack-under-bounds")) and str(c.get("fm-trigger")) != "optimized":
+            return (
+                f"run-config attack-under-bounds = true needs fm-trigger='optimized' (a fixed "
+                f"{c.get('fm-trigger')!r} trigger has nothing to adapt)"
+            )
         return None
 
     def make_trigger(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
