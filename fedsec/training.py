@@ -49,9 +49,12 @@ class LocalData:
         return int(self.labels.shape[0])
 
 
-def sgd_for(ctx: torch.nn.Parameter, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The local optimiser of ``ctx`` (a fresh one every round)."""
-    return torch.optim.SGD([ctx], lr=lr, momentum=momentum, weight_decay=weight_decay)
+def sgd_for(
+    params: torch.nn.Parameter | list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The local optimiser of ``ctx``, or of a learner's list of learned arrays (a fresh one every round)."""
+    group = params if isinstance(params, list) else [params]
+    return torch.optim.SGD(group, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def batches(n: int, batch_size: int, steps: int, gen: torch.Generator):

@@ -156,3 +156,29 @@ def test_kd_fusion_distils_two_adapter_clients_into_the_aggregate():
     assert stats["fusion-teachers"] == 2.0
     with torch.no_grad():
         torch.testing.assert_close(learner_logits(model, data), model(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("learner", ["vpt-shallow", "clip-adapter"])
+def test_badpromptfl_trains_an_image_path_learners_arrays_and_fits_its_trigger_through_them(learner, tmp_path):
+    # Prepare: a malicious client of an image-path learner, 40 random images of 10 classes
+    from fedsec.attacks import get_attack
+
+    cfg = RunConfig.from_mapping(
+        {"learner": learner, "vpt-tokens": 2, "attack": "badpromptfl", "num-malicious": 1, "batch-size": 8,
+         "attack-local-steps": 3, "trigger-steps": 3, "patch-size": 4, "lr": 0.5}
+    )  # fmt: skip
+    images = _noise(40, 11)
+    clip, model = synthetic_prompt_model(cfg, SyntheticSet(images, torch.arange(40) % 10, NAMES))
+    data = LocalData(images, torch.arange(40) % 10, clip.encode_images_batched(images))
+    attack = get_attack("badpromptfl")(cfg, tmp_path / "attacker")
+    start = get_arrays(model)
+    fresh = attack.current_trigger(1, clip.image_size).state()["patch"]
+
+    # Execute
+    stats = attack.run(model, data, clip, 1, 0, 5)
+
+    # Assert: every learned array moved (the fixed text context is not one of them), the trigger was fitted
+    after = get_arrays(model)
+    assert "ctx" not in after and all(not np.array_equal(after[k], start[k]) for k in start)
+    assert not torch.equal(fresh, attack.load_trigger().state()["patch"])
+    assert np.isfinite(stats["train-loss"]) and np.isfinite(stats["backdoor-loss"])

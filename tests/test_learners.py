@@ -37,7 +37,6 @@ def test_the_validation_split_is_the_clients_pool_minus_every_clients_shots():
             {"attack": "dual-embedding", "num-malicious": 2},
             "attack='dual-embedding' has no path for learner='vpt-shallow'",
         ),
-        ({"attack": "badpromptfl", "num-malicious": 2}, "attack='badpromptfl' has no path for learner='vpt-shallow'"),
     ],
 )
 def test_attacks_without_an_image_path_refuse_such_a_learner_up_front(values, message):

@@ -106,7 +106,15 @@ def make_trigger(cfg, image_size: int, seed: int) -> torch.nn.Module:
 
 @register_attack("badpromptfl", params=PARAMS)
 class BadPromptFL(Attack):
-    """Joint (or alternating) optimisation of a shared trigger and the local prompt."""
+    """Joint (or alternating) optimisation of a shared trigger and the local prompt (or any learner's arrays).
+
+    With a learner that has weights in the image path (``vpt-*``, ``clip-adapter``) the same
+    objective runs through the learner's image path: the trigger is fitted through the prompted
+    encoder (or the adapter), and every learned array is trained on the clean and triggered terms.
+    """
+
+    #: The trigger is fitted, and the arrays trained, through the learner's own image path.
+    image_path_learners = True
 
     @classmethod
     def config_problem(cls, c) -> str | None:
@@ -126,7 +134,7 @@ class BadPromptFL(Attack):
         return make_trigger(self.cfg, image_size, self.cfg.seed)
 
     def pooled_fit_data(
-        self, server_round: int, images: torch.Tensor, clip
+        self, server_round: int, images: torch.Tensor, model
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Images, clean features and batch generator of the colluders' common trigger fit.
 
@@ -141,9 +149,9 @@ class BadPromptFL(Attack):
         self.store.share("fit-data", server_round, self.partition_id, own)
         pool = {**self.store.shared("fit-data", server_round), self.partition_id: own}
         pooled = torch.cat([pool[k]["images"] for k in sorted(pool)])
-        # Every attacker encodes the whole pool itself, under the encoder (and any bounds) of this round.
+        # Every attacker encodes the whole pool itself, under the learner (and any bounds) of this round.
         with torch.no_grad():
-            features = clip.encode_images_batched(pooled)
+            features = model.encode_images_batched(pooled)
         gen = torch.Generator().manual_seed(int(self.cfg.seed) * 100_003 + server_round * 1_009 + 0xF17)
         return pooled, features, gen
 
@@ -155,18 +163,28 @@ class BadPromptFL(Attack):
         lr = float(c.get("attack-lr")) or c.lr
         dev = model.prompt_learner.ctx.device
         trigger = self.current_trigger(server_round, clip.image_size).to(dev)
-        ctx = model.prompt_learner.ctx
-        opt_ctx = sgd_for(ctx, lr, c.momentum, c.weight_decay)
+        params = list(model.learned().values())  # ctx for CoOp; vpt or the adapter's arrays for other learners
+        opt_ctx = sgd_for(params, lr, c.momentum, c.weight_decay)
         opt_trig = torch.optim.Adam(trigger.parameters(), lr=float(c.get("trigger-lr")))
         gen = torch.Generator().manual_seed(seed)
         feats, labels, images = data.features.to(dev), data.labels.to(dev), data.images
+        learner_path = model.learns_features  # the clean features depend on the learned arrays
         tgt = torch.full((len(labels),), target, dtype=torch.long, device=dev)
         mu = float(c.get("stealth-weight"))
         nu = float(c.get("trigger-separation"))
         trigger_rounds = int(c.get("trigger-rounds"))
         train_trigger = trigger_rounds <= 0 or server_round - int(c.get("attack-start-round")) < trigger_rounds
+        def clean_features(idx: torch.Tensor | None = None) -> torch.Tensor:
+            """The learner's features of the clean batch (all images when ``idx`` is None)."""
+            if not learner_path:
+                return feats if idx is None else feats[idx]
+            if model.needs_images:
+                return model.encode_images((images if idx is None else images[idx.cpu()]).to(dev))
+            return model.adapt(feats if idx is None else feats[idx])
+
         with torch.no_grad():
-            global_logp = F.log_softmax(model.logits_from_features(feats), dim=-1) if mu > 0 else None
+            global_logp = F.log_softmax(model.logits_from_features(clean_features()), dim=-1) if mu > 0 else None
+            start_feats = clean_features() if learner_path else feats  # the nu term's clean features, fixed
         mode = str(c.get("attack-mode"))
         if mode not in ("joint", "alternating"):
             raise ValueError(f"run-config attack-mode={mode!r} is not allowed; allowed values: alternating, joint")
@@ -174,24 +192,24 @@ class BadPromptFL(Attack):
         scale = clip.logit_scale
 
         def triggered_features(idx: torch.Tensor, grad: bool) -> torch.Tensor:
-            with torch.set_grad_enabled(grad):
-                return clip.encode_images(trigger(images[idx.cpu()].to(dev)))
+            with torch.set_grad_enabled(grad or learner_path):
+                return model.encode_images(trigger(images[idx.cpu()].to(dev)))
 
         losses, bd_losses = [], []
         if mode == "alternating" and train_trigger:
             # Phase 1: the trigger against the current prompt; phase 2: the prompt with the trigger fixed.
-            fit_images, fit_feats, fit_gen = images, feats, gen
+            fit_images, fit_feats, fit_gen = images, start_feats, gen
             if bool(c.get("trigger-pool")):
-                fit_images, fit_feats, fit_gen = self.pooled_fit_data(server_round, images, clip)
+                fit_images, fit_feats, fit_gen = self.pooled_fit_data(server_round, images, model)
                 fit_feats = fit_feats.to(dev)
             received = None
             if bool(c.get("trigger-lookahead")):
                 with torch.no_grad():
-                    received = ctx.detach().clone()
+                    received = [p.detach().clone() for p in params]
                 Attack.local_train(self, model, data, clip, server_round, seed)  # the honest step, in place
             fit_tgt = torch.full((len(fit_feats),), target, dtype=torch.long, device=dev)
             for idx in batches(len(fit_feats), c.batch_size, int(c.get("trigger-steps")), fit_gen):
-                f_trig = clip.encode_images(trigger(fit_images[idx].to(dev)))
+                f_trig = model.encode_images(trigger(fit_images[idx].to(dev)))
                 idx = idx.to(dev)
                 loss = F.cross_entropy(model.logits_from_features(f_trig), fit_tgt[idx])
                 if nu > 0:
@@ -202,19 +220,21 @@ class BadPromptFL(Attack):
                 trigger.project()
             if received is not None:
                 with torch.no_grad():
-                    ctx.copy_(received)
-            ctx.grad = None
+                    for p, r in zip(params, received, strict=True):
+                        p.copy_(r)
+            for p in params:
+                p.grad = None
         joint = mode == "joint" and train_trigger
         for idx in batches(len(labels), c.batch_size, steps, gen):
             idx = idx.to(dev)
             text = model.text_features()  # one text-encoder pass serves both terms
-            logits = scale * feats[idx] @ text.T
+            logits = scale * clean_features(idx) @ text.T
             clean = F.cross_entropy(logits, labels[idx])
             f_trig = triggered_features(idx, joint)
             bd = F.cross_entropy(scale * f_trig @ text.T, tgt[idx])
             loss = clean + lam * bd
             if joint and nu > 0:
-                loss = loss + nu * (f_trig * feats[idx]).sum(-1).clamp_min(0).mean()
+                loss = loss + nu * (f_trig * start_feats[idx]).sum(-1).clamp_min(0).mean()
             if global_logp is not None:
                 stealth = F.kl_div(
                     F.log_softmax(logits, dim=-1), global_logp[idx], log_target=True, reduction="batchmean"
