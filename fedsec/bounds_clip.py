@@ -227,7 +227,9 @@ def training_bounds(cfg: RunConfig, bounds: ActivationBounds | None) -> Activati
     return None
 
 
-def local_data_under_bounds(data: LocalData, model: PromptCLIP, bounds: ActivationBounds | None, key: tuple) -> LocalData:
+def local_data_under_bounds(
+    data: LocalData, model: PromptCLIP, bounds: ActivationBounds | None, key: tuple
+) -> LocalData:
     """``data`` with its frozen features recomputed under activation ``bounds`` (cached per key and bounds).
 
     The features are encoded once per new set of bounds (the server sends new

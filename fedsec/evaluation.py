@@ -208,9 +208,9 @@ class Evaluation:
             zero_shot = self.zero_shot_text().cpu()
             rates = target_rates(feats, base[idx], labels, target, {"global": text, "zero_shot": zero_shot})
             if self.model.learns_features:
-                rates["asr_zero_shot"] = target_rates(
-                    frozen, frozen_clean[idx], labels, target, {"global": zero_shot}
-                )["asr_global"]
+                rates["asr_zero_shot"] = target_rates(frozen, frozen_clean[idx], labels, target, {"global": zero_shot})[
+                    "asr_global"
+                ]
             shadow_trig, shadow_clean = self.under_shadow(triggered, feats, base, frozen_clean)
             asr = attack_success_rate(predict(self.model, feats, torch.from_numpy(ctx).to(dev)), labels, target)
         return {

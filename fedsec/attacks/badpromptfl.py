@@ -174,6 +174,7 @@ class BadPromptFL(Attack):
         nu = float(c.get("trigger-separation"))
         trigger_rounds = int(c.get("trigger-rounds"))
         train_trigger = trigger_rounds <= 0 or server_round - int(c.get("attack-start-round")) < trigger_rounds
+
         def clean_features(idx: torch.Tensor | None = None) -> torch.Tensor:
             """The learner's features of the clean batch (all images when ``idx`` is None)."""
             if not learner_path:
