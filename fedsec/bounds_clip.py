@@ -44,7 +44,7 @@ class BoundLearner:
     ``bounds-steps`` optimisation steps against the new global model (the
     run's learner holding ``arrays``).
 
-    With ``bounds-data = "filtered"`` the bounds are learned only on the
+    With ``bounds-data = "filtered"`` (or ``"ranked"``, :func:`ranked_keep`) the bounds are learned only on the
     synthetic images whose label the ``reference`` model predicts (the
     wrapper sets it to an unfused shadow of the global arrays: the clients'
     updates without server fusion, see
@@ -126,11 +126,14 @@ class BoundLearner:
             channel_dim=-1,  # open_clip's transformer blocks (batch, tokens, channels); the adapter's (batch, units)
         ).to(state["clip"].device)
 
-    def _filtered(self) -> tuple[object, dict]:
-        """The synthetic images whose label the reference model predicts (all of them without a reference)."""
+    def _filtered(self, mode: str = "filtered") -> tuple[object, dict]:
+        """The synthetic images the reference model supports (all of them without a reference).
+
+        ``"filtered"``: those whose label it predicts; ``"ranked"``: in every class, the
+        ``bounds-keep`` share to whose label it gives the highest probability (:func:`ranked_keep`).
+        """
         import torch
 
-        from fedsec.metrics import predict
         from fedsec.models.prompt import set_arrays
 
         state = self.state
@@ -139,9 +142,16 @@ class BoundLearner:
         if "features" not in state:  # the encoder is frozen and unclamped here: encode the set once per run
             state["features"] = state["clip"].encode_images_batched(state["images"])
         set_arrays(state["model"], self.reference)
+        model, labels = state["model"], state["labels"]
         with torch.no_grad():
-            pred = predict(state["model"], state["model"].features(state["images"], state["features"]))
-        keep = (pred == state["labels"]).to(state["images"].device)
+            features = model.features(state["images"], state["features"]).to(model.prompt_learner.ctx.device)
+            logits = model.logits_from_features(features).cpu()
+        if mode == "ranked":
+            label_prob = torch.softmax(logits.float(), dim=-1).gather(1, labels.view(-1, 1)).squeeze(1)
+            keep = ranked_keep(label_prob, labels, float(self.cfg.get("bounds-keep")))
+        else:
+            keep = logits.argmax(-1) == labels
+        keep = keep.to(state["images"].device)
         if int(keep.sum()) == 0:
             return state["images"], {"bound-kept": 1.0}
         return state["images"][keep], {"bound-kept": float(keep.float().mean())}
@@ -158,8 +168,8 @@ class BoundLearner:
         cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
         images, extra = state["images"], {}
-        if str(cfg.get("bounds-data")) == "filtered":
-            images, extra = self._filtered()
+        if str(cfg.get("bounds-data")) in ("filtered", "ranked"):
+            images, extra = self._filtered(str(cfg.get("bounds-data")))
             set_arrays(model, arrays)
             state["bounds"] = self._init(images)
         set_arrays(model, arrays)
@@ -190,6 +200,45 @@ class BoundLearner:
             trim=float(cfg.get("bounds-trim")),
         )
         return state["bounds"].to_arrays(), {**stats, **extra}
+
+
+def ranked_keep(label_prob, labels, keep: float):
+    """In every class, the ``keep`` share of its items with the highest ``label_prob`` (at least one each).
+
+    The filter of ``bounds-data = "ranked"``: a poisoned foundation model's triggered images carry
+    the target label, to which a model that never learned the trigger gives a low probability, so
+    they rank last in the target class; unlike keeping only the items whose label the model
+    predicts, every class keeps the same share, so a reference model that drifts toward a few
+    classes cannot empty the others.
+
+    Parameters
+    ----------
+    label_prob : torch.Tensor
+        ``N`` probabilities the reference model gives each item's own label.
+    labels : torch.Tensor
+        ``N`` integer labels.
+    keep : float
+        Share kept per class, in ``(0, 1]``: ``ceil(keep * n_c)`` items of a class of ``n_c`` (ties
+        broken by index).
+
+    Returns
+    -------
+    torch.Tensor
+        ``N`` booleans.
+    """
+    import math
+
+    import torch
+
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"bounds-keep must be in (0, 1], got {keep}")
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        k = max(1, math.ceil(keep * len(idx)))
+        order = torch.argsort(-label_prob[idx].double(), stable=True)
+        mask[idx[order[:k]]] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------- the client's side

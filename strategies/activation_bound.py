@@ -86,8 +86,15 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "bounds-data",
         "all",
-        "learn on all synthetic images, or those the unfused prompt agrees with",
-        choices=("all", "filtered"),
+        "learn on all synthetic images; those the unfused shadow model agrees with (filtered); or, in every "
+        "class, the bounds-keep share it gives the highest probability of their label (ranked)",
+        choices=("all", "filtered", "ranked"),
+    ),
+    Param(
+        "bounds-keep",
+        0.5,
+        "ranked: share of each class's synthetic images kept",
+        range=(0.0, 1.0),
     ),
     Param("bounds-two-sided", False, "also lower bounds (at 1 - bounds-init-quantile)"),
     Param("bounds-trim", 0.0, "fraction of the largest per-image losses ignored", range=(0.0, 0.99)),

@@ -533,3 +533,21 @@ def test_bounds_travel_in_a_record_under_any_key_and_come_back():
     # Assert
     assert missing is None
     assert {k: v.tolist() for k, v in got.to_arrays().items()} == {"conv1": [[[1.0]], [[2.0]]]}
+
+
+def test_ranked_keep_keeps_the_same_share_of_every_class_dropping_the_least_supported():
+    # Prepare: class 0 holds 4 genuine items (label probability 0.9, 0.8, 0.7, 0.6) and 4 poisoned ones the
+    # reference model gives its label little probability (0.05-0.2); class 1 holds 3 items it mostly gets wrong
+    from fedsec.bounds_clip import ranked_keep
+
+    prob = torch.tensor([0.9, 0.05, 0.8, 0.1, 0.7, 0.2, 0.6, 0.15, 0.3, 0.1, 0.2])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    # Execute
+    half = ranked_keep(prob, labels, 0.5)
+    third = ranked_keep(prob, labels, 0.3)
+    # Assert: ceil(0.5 * 8) = 4 of class 0 (the genuine ones), ceil(0.5 * 3) = 2 of class 1 (the two most supported,
+    # although the reference predicts neither); 0.3: ceil(2.4) = 3 and ceil(0.9) = 1
+    assert half.tolist() == [True, False, True, False, True, False, True, False, True, False, True]
+    assert third.tolist() == [True, False, True, False, True, False, False, False, True, False, False]
+    with pytest.raises(ValueError, match="bounds-keep"):
+        ranked_keep(prob, labels, 0.0)

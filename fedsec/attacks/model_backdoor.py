@@ -49,6 +49,8 @@ class ModelBackdoor(Attack):
 
     client_side = False
     honest_federation = True
+    #: Nothing is optimised: the federation trains honestly, whatever the learner.
+    image_path_learners = True
 
     @classmethod
     def config_problem(cls, c) -> str | None:
