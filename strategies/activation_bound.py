@@ -70,6 +70,8 @@ BOUNDS_KEY = "bounds"
 BOUND_STATE = BOUNDS_KEY + "/"
 #: Key of the unfused reference prompt in a checkpointed strategy state.
 SHADOW_STATE = "bounds-shadow"
+#: Key prefix of the initial global arrays (``reference = "initial"``) in a checkpointed strategy state.
+INITIAL_STATE = "bounds-initial"
 
 PARAMS: tuple[Param, ...] = (
     Param("activation-bounds", False, "learn activation bounds on the synthetic data and send them to the clients"),
@@ -89,6 +91,13 @@ PARAMS: tuple[Param, ...] = (
         "learn on all synthetic images; those the unfused shadow model agrees with (filtered); or, in every "
         "class, the bounds-keep share it gives the highest probability of their label (ranked)",
         choices=("all", "filtered", "ranked"),
+    ),
+    Param(
+        "bounds-reference",
+        "shadow",
+        "filtered/ranked: the model that filters, the unfused shadow (the clients' updates without fusion) or "
+        "the initial global model (never fused, never drifts)",
+        choices=("shadow", "initial"),
     ),
     Param(
         "bounds-keep",
@@ -125,6 +134,11 @@ class ActivationBoundWrapper(BoundsWrapper):
     array_names : str or sequence of str
         The model arrays the bounds are learned for (the ServerApp names the learner's arrays); an
         aggregate or instruction without one raises :class:`~strategies.common.MissingKeyError`.
+    reference : {"shadow", "initial"}
+        What the learner's ``reference`` is: the unfused shadow (:meth:`_advance_shadow`), or the
+        global arrays sent in the first round (the initial model: never fused, so it never learns
+        the poisoned synthetic data, and never drifts; with ``server-fusion = "init"`` it has seen
+        the synthetic set, and the shadow is the reference to use).
 
     Attributes
     ----------
@@ -139,9 +153,14 @@ class ActivationBoundWrapper(BoundsWrapper):
         inner: Strategy,
         learn: Callable[[dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], dict]],
         array_names: str | Sequence[str],
+        reference: str = "shadow",
     ) -> None:
+        if reference not in ("shadow", "initial"):
+            raise ValueError(f"reference must be 'shadow' or 'initial', got {reference!r}")
         names = (array_names,) if isinstance(array_names, str) else tuple(array_names)
         super().__init__(inner, learn, array_keys=names, bounds_key=BOUNDS_KEY)  # type: ignore[arg-type]
+        self.reference = reference
+        self.initial: dict[str, np.ndarray] | None = None  # the arrays sent in the first round
         self.shadow: dict[str, np.ndarray] | None = None  # the unfused reference arrays (see _advance_shadow)
         self._sent: dict[str, np.ndarray] | None = None  # the global arrays sent to the clients this round
 
@@ -150,6 +169,8 @@ class ActivationBoundWrapper(BoundsWrapper):
         out = super().state_dict()
         for name, value in (self.shadow or {}).items():
             out[f"{SHADOW_STATE}/{name}"] = value
+        for name, value in (self.initial or {}).items():
+            out[f"{INITIAL_STATE}/{name}"] = value
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -163,6 +184,10 @@ class ActivationBoundWrapper(BoundsWrapper):
             shadow.setdefault(self.array_keys[0], np.asarray(state[SHADOW_STATE], dtype=np.float32).copy())
         if shadow:
             self.shadow = shadow
+        prefix = INITIAL_STATE + "/"
+        initial = {k[len(prefix) :]: np.asarray(v, np.float32).copy() for k, v in state.items() if k.startswith(prefix)}
+        if initial:
+            self.initial = initial
         super().load_state_dict(state)
 
     def _advance_shadow(self, aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,12 +214,15 @@ class ActivationBoundWrapper(BoundsWrapper):
     ) -> Iterable[Message]:
         """Remember the arrays sent, delegate, then add the bounds record to every message."""
         self._sent = {k: require_key(arrays, k, "activation bounds").numpy().copy() for k in self.array_keys}
+        if self.initial is None:
+            self.initial = {k: v.copy() for k, v in self._sent.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def learn_bounds(self, arrays: dict[str, np.ndarray], server_round: int) -> tuple[dict, Mapping[str, float]]:
-        """Advance the shadow for a learner with a ``reference``, then learn on the arrays."""
+        """Advance the shadow and hand a learner with a ``reference`` its reference, then learn on the arrays."""
+        shadow = self._advance_shadow(arrays)
         if hasattr(self.learn, "reference"):
-            self.learn.reference = self._advance_shadow(arrays)
+            self.learn.reference = self.initial if self.reference == "initial" and self.initial else shadow
         return self.learn(arrays, server_round)  # type: ignore[arg-type]
 
 
@@ -208,4 +236,5 @@ def activation_bounds(inner: Strategy, sctx: StrategyContext) -> Strategy:
     names = sctx.learned_names()
     if not names:
         raise ValueError("activation-bounds needs the names of the learned arrays (StrategyContext.array_names)")
-    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), names)
+    reference = str(sctx.cfg.get("bounds-reference"))
+    return ActivationBoundWrapper(inner, BoundLearner(sctx.cfg, sctx.synthetic_data), names, reference)

@@ -551,3 +551,34 @@ def test_ranked_keep_keeps_the_same_share_of_every_class_dropping_the_least_supp
     assert third.tolist() == [True, False, True, False, True, False, False, False, True, False, False]
     with pytest.raises(ValueError, match="bounds-keep"):
         ranked_keep(prob, labels, 0.0)
+
+
+def test_the_initial_reference_is_the_first_rounds_arrays_and_survives_a_checkpoint():
+    # Prepare: a learner that records its reference; two rounds sent from different global arrays
+    class _Learner:
+        reference = None
+        seen: list = []
+
+        def __call__(self, arrays, server_round):
+            self.seen.append({k: v.copy() for k, v in self.reference.items()})
+            return {}, {}
+
+    from types import SimpleNamespace
+
+    from tests.strategy_helpers import configure
+
+    learner = _Learner()
+    wrapper = ActivationBoundWrapper(_FedAvg(), learner, "ctx", reference="initial")
+    g0, g1 = np.zeros((1, 2), np.float32), np.ones((1, 2), np.float32)
+    # Execute: round 1 sends g0, round 2 sends g1, learning after each
+    configure(wrapper, g0, [1], server_round=1)
+    wrapper.learn_bounds({"ctx": g1}, 1)
+    configure(wrapper, g1, [1], server_round=2)
+    wrapper.learn_bounds({"ctx": g1 * 2}, 2)
+    restored = ActivationBoundWrapper(_FedAvg(), _Learner(), "ctx", reference="initial")
+    restored.load_state_dict(wrapper.state_dict())
+    # Assert: both rounds filtered with the initial arrays, never the moving shadow; the checkpoint keeps them
+    assert all(np.array_equal(s["ctx"], g0) for s in learner.seen) and len(learner.seen) == 2
+    np.testing.assert_array_equal(restored.initial["ctx"], g0)
+    with pytest.raises(ValueError, match="reference must be"):
+        ActivationBoundWrapper(SimpleNamespace(), learner, "ctx", reference="oracle")
