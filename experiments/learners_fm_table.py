@@ -1,0 +1,92 @@
+"""Issue 15's table: fm-poison (fixed / optimised trigger, adaptive) and BadPromptFL per learner, per defense.
+
+Reads the finished runs of the grids ``learners_fm``, ``learners_fm_optimized``, ``learners_fm_adapter`` and
+``learners_fm_adaptive`` (``runs/sweeps/<grid>/*/``) and writes ``experiments/results/learners_fm_table.{md,csv}``:
+one row per run, its last round's clean accuracy and ASR with the bounds (the deployed model) and the same global
+model without them, and the cost of the bounds (clean accuracy without minus with). Unfinished runs are listed
+below the table. No training code runs here: only ``config.json``, ``metrics.jsonl`` and ``summary.json``.
+
+    python experiments/learners_fm_table.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+GRIDS = ("learners_fm", "learners_fm_optimized", "learners_fm_adapter", "learners_fm_adaptive")
+COLUMNS = ("grid", "learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr",
+           "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "trigger_zs_asr", "rounds", "run")  # fmt: skip
+
+
+def defense_name(cfg: dict) -> str:
+    """The defense of a run config, named for what it is."""
+    if not cfg.get("activation-bounds"):
+        return "none"
+    layers = cfg.get("bounds-layers", "visual.transformer.resblocks.*")
+    data = cfg.get("bounds-data", "all")
+    if data == "all" and not cfg.get("bounds-two-sided"):
+        return f"bounds as in the paper ({layers})"
+    reference = cfg.get("bounds-reference", "shadow")
+    return f"two-sided, {data} ({'initial model' if reference == 'initial' else 'unfused shadow'})"
+
+
+def row_of(grid: str, run: Path) -> dict | None:
+    """The table row of a finished run, or ``None``."""
+    if not (run / "summary.json").exists():
+        return None
+    cfg = json.loads((run / "config.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    bounded = last.get("clean_acc_nobounds") is not None
+    pct = lambda v: None if v is None else round(100 * float(v), 1)  # noqa: E731
+    return {
+        "grid": grid,
+        "learner": cfg.get("learner", "coop"),
+        "attack": cfg.get("attack"),
+        "trigger": cfg.get("fm-trigger") if cfg.get("attack") == "fm-poison" else "-",
+        "adaptive": bool(cfg.get("attack-under-bounds", False)),
+        "defense": defense_name(cfg),
+        "clean_acc": pct(last["clean_acc"]),
+        "asr": pct(last.get("asr")),
+        "clean_acc_nobounds": pct(last.get("clean_acc_nobounds")) if bounded else None,
+        "asr_nobounds": pct(last.get("asr_nobounds")) if bounded else None,
+        "bounds_cost": round(100 * (last["clean_acc_nobounds"] - last["clean_acc"]), 1) if bounded else None,
+        "trigger_zs_asr": pct(last.get("trigger_zs_asr")),
+        "rounds": last["round"],
+        "run": str(run),
+    }
+
+
+def main() -> None:
+    """Write the table from every finished run of the grids."""
+    out, missing = [], []
+    for grid in GRIDS:
+        for run in sorted(Path("runs/sweeps", grid).glob("*")):
+            if not run.is_dir() or ".replaced-" in run.name:
+                continue
+            row = row_of(grid, run)
+            (out.append(row) if row else missing.append(str(run)))
+    order = {"coop": 0, "clip-adapter": 1, "vpt-deep": 2}
+    out.sort(key=lambda r: (order.get(r["learner"], 9), r["attack"], r["trigger"], r["adaptive"], r["defense"]))
+    stem = Path("experiments/results/learners_fm_table")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(out)
+    fmt = lambda v: "-" if v is None else (f"{v}%" if isinstance(v, float) else str(v))  # noqa: E731
+    head = ("learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr", "clean_acc_nobounds",
+            "asr_nobounds", "bounds_cost", "trigger_zs_asr")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in out:
+        cells = [fmt(r[k]) if k != "bounds_cost" else ("-" if r[k] is None else f"{r[k]:+.1f}") for k in head]
+        lines.append("| " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", "Unfinished (not in the table):", *(f"- `{m}`" for m in missing)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
