@@ -168,11 +168,12 @@ class BoundLearner:
         cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
         images, extra = state["images"], {}
-        if str(cfg.get("bounds-data")) in ("filtered", "ranked"):
-            images, extra = self._filtered(str(cfg.get("bounds-data")))
-            set_arrays(model, arrays)
-            state["bounds"] = self._init(images)
+        filtered = str(cfg.get("bounds-data")) in ("filtered", "ranked")
+        if filtered:
+            images, extra = self._filtered(str(cfg.get("bounds-data")))  # under the reference's arrays
         set_arrays(model, arrays)
+        if filtered:
+            state["bounds"] = self._init(images)
         if state["text"]:
 
             def logits_fn(x: torch.Tensor) -> torch.Tensor:

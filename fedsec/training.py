@@ -73,7 +73,7 @@ def _sgd(model: PromptCLIP, logits_of, labels: torch.Tensor, steps: int, batch_s
          momentum: float, weight_decay: float, seed: int, proximal_mu: float) -> dict[str, float]:  # fmt: skip
     """The local SGD loop of every learner: ``logits_of(batch indices)`` gives the batch's logits."""
     params = list(model.learned().values())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = sgd_for(params, lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     labels = labels.to(model.prompt_learner.ctx.device)

@@ -50,7 +50,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsec.bounds_clip import BoundLearner
 from fedsec.registry import Param
 from strategies.bounds_wrapper import BoundsWrapper, bounds_to_record
-from strategies.common import require_key
+from strategies.common import select_arrays
 from strategies.registry import StrategyContext, register_wrapper
 
 __all__ = [
@@ -213,7 +213,7 @@ class ActivationBoundWrapper(BoundsWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the arrays sent, delegate, then add the bounds record to every message."""
-        self._sent = {k: require_key(arrays, k, "activation bounds").numpy().copy() for k in self.array_keys}
+        self._sent = select_arrays(arrays, self.array_keys, "activation bounds")
         if self.initial is None:
             self.initial = {k: v.copy() for k, v in self._sent.items()}
         return super().configure_train(server_round, arrays, config, grid)

@@ -36,7 +36,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.common import StrategyWrapper, require_key
+from strategies.common import StrategyWrapper, require_key, select_arrays
 
 #: ``(arrays, server_round) -> (bounds, metrics)``: arrays and bounds map names to numpy arrays.
 BoundsLearner = Callable[[dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], Mapping[str, float]]]
@@ -56,17 +56,6 @@ def bounds_to_record(bounds: Mapping[str, np.ndarray]) -> ArrayRecord:
         New arrays, ``float32``.
     """
     return ArrayRecord({name: Array(np.asarray(value, dtype=np.float32)) for name, value in bounds.items()})
-
-
-def select_arrays(arrays: ArrayRecord, keys: Sequence[str], user: str) -> dict[str, np.ndarray]:
-    """Copies of the arrays of ``arrays`` named by ``keys``, in that order.
-
-    Raises
-    ------
-    strategies.common.MissingKeyError
-        When a key is absent (the message names it, ``user`` and the keys present).
-    """
-    return {key: np.array(require_key(arrays, key, user).numpy(), copy=True) for key in keys}  # type: ignore[union-attr]
 
 
 class BoundsWrapper(StrategyWrapper):

@@ -120,6 +120,17 @@ def require_key(record: ArrayRecord | MetricRecord | RecordDict, key: str, user:
     return record[key]
 
 
+def select_arrays(arrays: ArrayRecord, keys: Sequence[str], user: str) -> dict[str, np.ndarray]:
+    """Copies of the arrays of ``arrays`` named by ``keys``, in that order.
+
+    Raises
+    ------
+    strategies.common.MissingKeyError
+        When a key is absent (the message names it, ``user`` and the keys present).
+    """
+    return {key: np.array(require_key(arrays, key, user).numpy(), copy=True) for key in keys}  # type: ignore[union-attr]
+
+
 def copy_arrays(arrays: ArrayRecord) -> ArrayRecord:
     """A deep copy of an ``ArrayRecord``."""
     return ArrayRecord({k: Array(np.array(v.numpy(), copy=True)) for k, v in arrays.items()})

@@ -47,7 +47,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from fedsec.registry import Param, Registry
-from strategies.common import StrategyWrapper, node_id, require_key
+from strategies.common import StrategyWrapper, node_id, require_key, select_arrays
 from strategies.detection import detection_of
 from strategies.registry import StrategyContext, register_wrapper
 
@@ -218,7 +218,7 @@ def distil(
     """
     import torch
 
-    from fedsec.training import batches
+    from fedsec.training import batches, sgd_for
 
     teacher = teacher.to(model.prompt_learner.ctx.device)
 
@@ -229,7 +229,7 @@ def distil(
             return kl, float((logits.argmax(-1) == teacher.argmax(-1)).float().mean())
 
     before, _ = whole_set()
-    opt = torch.optim.SGD(list(model.learned().values()), lr=lr, momentum=momentum, weight_decay=0.0)
+    opt = sgd_for(list(model.learned().values()), lr, momentum, 0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for idx in batches(len(teacher), batch_size, steps, gen):
@@ -351,7 +351,7 @@ class ServerFusion(StrategyWrapper):
         self.inner.summary()
 
     def _select(self, record: ArrayRecord) -> dict[str, np.ndarray]:
-        return {n: np.array(require_key(record, n, "server fusion").numpy(), copy=True) for n in self.array_names}
+        return select_arrays(record, self.array_names, "server fusion")
 
     def _replace(self, record: ArrayRecord, new: dict[str, np.ndarray]) -> ArrayRecord:
         return ArrayRecord({k: (Array(np.asarray(new[k])) if k in new else v) for k, v in record.items()})
