@@ -511,3 +511,152 @@ def bounds_from_content(content, bounds_key: str) -> ActivationBounds | None:
     if bounds_key not in content:
         return None
     return ActivationBounds.from_arrays({k: v.numpy() for k, v in content[bounds_key].items()})
+
+
+# ----------------------------------------------------------------------------- choosing the quantile, defender-side
+def tightest_within(costs: Mapping[float, float], tolerance: float) -> float:
+    """The smallest quantile whose cost is at most ``tolerance``; the largest quantile when none is.
+
+    The selection rule of :func:`tune_quantile`: a lower quantile clamps more of every unit's range
+    (tighter bounds, more of an unknown trigger's abnormal activations cut), at a cost to clean
+    predictions; the defender takes the tightest bounds its clean-cost budget allows, as
+    fine-pruning (Liu et al., RAID 2018) prunes until the clean validation accuracy has dropped by a
+    set amount.
+
+    Parameters
+    ----------
+    costs : Mapping[float, float]
+        Candidate quantile -> its measured cost (e.g. the share of held-out clean predictions the
+        clamps change).
+    tolerance : float
+        The largest cost accepted.
+
+    Returns
+    -------
+    float
+        The chosen quantile.
+
+    Raises
+    ------
+    ValueError
+        When ``costs`` is empty.
+
+    Examples
+    --------
+    >>> tightest_within({0.99: 0.0, 0.9: 0.01, 0.8: 0.05}, 0.02)
+    0.9
+    """
+    if not costs:
+        raise ValueError("tightest_within needs at least one candidate quantile")
+    within = [q for q, c in costs.items() if c <= tolerance]
+    return min(within) if within else max(costs)
+
+
+def class_halves(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified split: ``True`` for the held-out half of every class (``floor(n_c / 2)`` items).
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``N`` integer labels.
+    seed : int
+        Seeds the permutation within each class.
+
+    Returns
+    -------
+    torch.Tensor
+        ``N`` booleans; a class of one item keeps it on the fitting side.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        held[order[: len(idx) // 2]] = True
+    return held
+
+
+@torch.no_grad()
+def prediction_change(
+    model: nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    bounds: ActivationBounds,
+    batch_size: int = 256,
+) -> float:
+    """Share of ``images`` whose predicted class the clamps of ``bounds`` change (0.0 for no images)."""
+    if len(images) == 0:
+        return 0.0
+    changed = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        free = logits_fn(x).argmax(-1)
+        with bounded(model, bounds):
+            clamped = logits_fn(x).argmax(-1)
+        changed += int((free != clamped).sum())
+    return changed / len(images)
+
+
+def tune_quantile(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], object],
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    fit: torch.Tensor,
+    held_out: torch.Tensor,
+    layers: Sequence[str],
+    quantiles: Sequence[float],
+    tolerance: float,
+    *,
+    granularity: str = "neuron",
+    two_sided: bool = False,
+    channel_dim: int | None = None,
+    **optimize: object,
+) -> tuple[float, dict[float, float]]:
+    """Choose the bounds' initial quantile with the defender's own data: the tightest within a clean-cost budget.
+
+    For every candidate quantile the bounds are initialised on ``fit`` (:func:`init_bounds`) and
+    optimised on it as the run would (:func:`optimize_bounds` with ``optimize``); their cost is the
+    share of ``held_out`` images whose prediction the clamps change (:func:`prediction_change`).
+    The chosen quantile is :func:`tightest_within` the ``tolerance``. Nothing but ``fit`` and
+    ``held_out`` is read: on the server these are the synthetic set (Bi & Li's defender holds
+    nothing else), never the clients' or the test images, and the trigger is never known.
+
+    Parameters
+    ----------
+    model, forward, logits_fn
+        As for :func:`init_bounds` and :func:`optimize_bounds`.
+    fit, held_out : torch.Tensor
+        Images the bounds are learned on, and images their cost is measured on.
+    layers : sequence of str
+        Module names to bound.
+    quantiles : sequence of float
+        Candidates, each in ``(0, 1]``.
+    tolerance : float
+        Largest accepted share of changed held-out predictions.
+    granularity, two_sided, channel_dim
+        As for :func:`init_bounds`.
+    **optimize
+        Keyword arguments of :func:`optimize_bounds` (``steps``, ``lr``, ``penalty``, ...).
+
+    Returns
+    -------
+    tuple
+        The chosen quantile and every candidate's cost.
+
+    Raises
+    ------
+    ValueError
+        For no candidates, or a candidate outside ``(0, 1]``.
+    """
+    if not quantiles:
+        raise ValueError("tune_quantile needs at least one candidate quantile")
+    bad = [q for q in quantiles if not 0.0 < q <= 1.0]
+    if bad:
+        raise ValueError(f"candidate quantiles must be in (0, 1]; got {bad}")
+    costs: dict[float, float] = {}
+    for q in quantiles:
+        bounds = init_bounds(model, forward, fit, layers, granularity, q, two_sided=two_sided, channel_dim=channel_dim)
+        bounds = bounds.to(fit.device)
+        optimize_bounds(model, logits_fn, fit, bounds, **optimize)  # type: ignore[arg-type]
+        costs[float(q)] = prediction_change(model, logits_fn, held_out, bounds)
+    return tightest_within(costs, tolerance), costs

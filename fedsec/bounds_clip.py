@@ -68,6 +68,7 @@ class BoundLearner:
         self.state: dict = {}
         self.loaded: dict[str, np.ndarray] | None = None
         self.reference: dict[str, np.ndarray] | None = None
+        self.quantile: float | None = None  # chosen by bounds-tune in the first round
 
     def load(self, bounds: dict[str, np.ndarray]) -> None:
         """Start from these bounds (a resumed run's checkpoint) instead of activation statistics."""
@@ -106,10 +107,21 @@ class BoundLearner:
         self.state.update(
             clip=clip, model=model, root=root, images=images, labels=synthetic.labels, layers=layers, text=text
         )
-        self.state["bounds"] = self._init(images)
-        if self.loaded is not None:
-            self._set(self.loaded)
         log(INFO, "[fedsec] activation bounds on %d layers: %s", len(layers), layers)
+
+    @property
+    def init_quantile(self) -> float:
+        """The bounds' initial quantile: the tuned one (``bounds-tune``), else ``bounds-init-quantile``."""
+        return float(self.cfg.get("bounds-init-quantile")) if self.quantile is None else self.quantile
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs besides the bounds: the tuned quantile, once chosen."""
+        return {} if self.quantile is None else {"quantile": np.array([self.quantile], dtype=np.float64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` (a resumed run keeps the quantile its first round chose)."""
+        if "quantile" in state:
+            self.quantile = float(np.asarray(state["quantile"]).ravel()[0])
 
     def _init(self, images) -> object:
         from fedsec.activation_bounds import init_bounds
@@ -121,13 +133,58 @@ class BoundLearner:
             images,
             state["layers"],
             str(self.cfg.get("bounds-granularity")),
-            float(self.cfg.get("bounds-init-quantile")),
+            self.init_quantile,
             two_sided=bool(self.cfg.get("bounds-two-sided")),
             channel_dim=-1,  # open_clip's transformer blocks (batch, tokens, channels); the adapter's (batch, units)
         ).to(state["clip"].device)
 
-    def _filtered(self, mode: str = "filtered") -> tuple[object, dict]:
-        """The synthetic images the reference model supports (all of them without a reference).
+    def _optimize_kwargs(self, server_round: int) -> dict:
+        """The keyword arguments of :func:`~fedsec.activation_bounds.optimize_bounds` in round ``server_round``."""
+        cfg = self.cfg
+        return dict(
+            steps=int(cfg.get("bounds-steps")),
+            lr=float(cfg.get("bounds-lr")),
+            penalty=float(cfg.get("bounds-penalty")),
+            loss=str(cfg.get("bounds-loss")),
+            batch_size=int(cfg.get("bounds-batch-size")),
+            seed=cfg.seed * 104_729 + server_round,
+            trim=float(cfg.get("bounds-trim")),
+        )
+
+    def _tune(self, images, labels, logits_fn, server_round: int) -> dict[str, float]:
+        """Choose the initial quantile on the synthetic ``images`` (``bounds-tune = "holdout"``); its metrics.
+
+        The defender's procedure (:func:`~fedsec.activation_bounds.tune_quantile`): a seeded half of
+        every class of the images the bounds are learned on (after the filter of ``bounds-data``) is
+        held out; for every candidate of ``bounds-tune-quantiles`` the bounds are initialised and
+        optimised on the other half, as the run would; the chosen quantile is the smallest whose
+        bounds change at most ``bounds-tune-tolerance`` of the held-out predictions of the global
+        model. It reads the server's synthetic set and the global model only.
+        """
+        from fedsec.activation_bounds import class_halves, tune_quantile
+
+        cfg, state = self.cfg, self.state
+        held = class_halves(labels.cpu(), cfg.seed * 7_919 + server_round).to(images.device)
+        chosen, costs = tune_quantile(
+            state["root"],
+            state["model"].encode_images,
+            logits_fn,
+            images[~held],
+            images[held],
+            state["layers"],
+            parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
+            float(cfg.get("bounds-tune-tolerance")),
+            granularity=str(cfg.get("bounds-granularity")),
+            two_sided=bool(cfg.get("bounds-two-sided")),
+            channel_dim=-1,
+            **self._optimize_kwargs(server_round),
+        )
+        self.quantile = chosen
+        log(INFO, "[fedsec] activation bounds: held-out cost per quantile %s -> %.3f", costs, chosen)
+        return {f"bound-tune-cost-q{q:g}": c for q, c in costs.items()}
+
+    def _filtered(self, mode: str = "filtered") -> tuple[object, object, dict]:
+        """The synthetic images the reference model supports (all of them without a reference), their labels, metrics.
 
         ``"filtered"``: those whose label it predicts; ``"ranked"``: in every class, the
         ``bounds-keep`` share to whose label it gives the highest probability (:func:`ranked_keep`).
@@ -138,7 +195,7 @@ class BoundLearner:
 
         state = self.state
         if self.reference is None:
-            return state["images"], {}
+            return state["images"], state["labels"], {}
         if "features" not in state:  # the encoder is frozen and unclamped here: encode the set once per run
             state["features"] = state["clip"].encode_images_batched(state["images"])
         set_arrays(state["model"], self.reference)
@@ -151,10 +208,10 @@ class BoundLearner:
             keep = ranked_keep(label_prob, labels, float(self.cfg.get("bounds-keep")))
         else:
             keep = logits.argmax(-1) == labels
-        keep = keep.to(state["images"].device)
         if int(keep.sum()) == 0:
-            return state["images"], {"bound-kept": 1.0}
-        return state["images"][keep], {"bound-kept": float(keep.float().mean())}
+            return state["images"], labels, {"bound-kept": 1.0}
+        kept = {"bound-kept": float(keep.float().mean())}
+        return state["images"][keep.to(state["images"].device)], labels[keep], kept
 
     def __call__(self, arrays: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], dict]:
         """Learn the bounds of the global model holding the learned ``arrays`` (name -> array)."""
@@ -167,13 +224,11 @@ class BoundLearner:
             self._setup(arrays)
         cfg, state = self.cfg, self.state
         clip, model = state["clip"], state["model"]
-        images, extra = state["images"], {}
+        images, labels, extra = state["images"], state["labels"], {}
         filtered = str(cfg.get("bounds-data")) in ("filtered", "ranked")
         if filtered:
-            images, extra = self._filtered(str(cfg.get("bounds-data")))  # under the reference's arrays
+            images, labels, extra = self._filtered(str(cfg.get("bounds-data")))  # under the reference's arrays
         set_arrays(model, arrays)
-        if filtered:
-            state["bounds"] = self._init(images)
         if state["text"]:
 
             def logits_fn(x: torch.Tensor) -> torch.Tensor:
@@ -187,20 +242,46 @@ class BoundLearner:
             def logits_fn(x: torch.Tensor) -> torch.Tensor:
                 return scale * model.encode_images(x) @ text.T
 
-        stats = optimize_bounds(
-            state["root"],
-            logits_fn,
-            images,
-            state["bounds"],
-            steps=int(cfg.get("bounds-steps")),
-            lr=float(cfg.get("bounds-lr")),
-            penalty=float(cfg.get("bounds-penalty")),
-            loss=str(cfg.get("bounds-loss")),
-            batch_size=int(cfg.get("bounds-batch-size")),
-            seed=cfg.seed * 104_729 + server_round,
-            trim=float(cfg.get("bounds-trim")),
-        )
+        if str(cfg.get("bounds-tune")) == "holdout" and self.quantile is None:
+            extra.update(self._tune(images, labels, logits_fn, server_round))
+        if filtered or "bounds" not in state:
+            state["bounds"] = self._init(images)  # the first round's arrays: the image path may depend on them
+            if not filtered and self.loaded is not None:
+                self._set(self.loaded)
+        kwargs = self._optimize_kwargs(server_round)
+        stats = optimize_bounds(state["root"], logits_fn, images, state["bounds"], **kwargs)
+        if self.quantile is not None:
+            extra["bound-quantile"] = self.quantile
         return state["bounds"].to_arrays(), {**stats, **extra}
+
+
+def parse_quantiles(text: str) -> list[float]:
+    """The candidate quantiles of ``bounds-tune-quantiles``: comma-separated numbers in ``(0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        For an empty list, a value that is not a number, or one outside ``(0, 1]``.
+    """
+    why = quantile_list_problem(text)
+    if why:
+        raise ValueError(f"bounds-tune-quantiles={text!r}: {why}")
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def quantile_list_problem(text: object) -> str | None:
+    """Why ``text`` is not a comma-separated list of quantiles in ``(0, 1]`` (``None`` when it is)."""
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not parts:
+        return "needs at least one quantile"
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            return f"{part!r} is not a number"
+        if not 0.0 < value <= 1.0:
+            return f"{value} is not in (0, 1]"
+    return None
 
 
 def ranked_keep(label_prob, labels, keep: float):

@@ -87,6 +87,10 @@ class Param:
     path : bool
         The value is a file or folder path: a relative one that exists is made
         absolute at launch (the SuperLink's working directory is not the user's).
+    check : callable, optional
+        ``value -> str | None``: why a value of the right type is not allowed
+        (e.g. a list written as a string that does not parse), checked up front
+        with the range and the choices.
     """
 
     key: str
@@ -95,6 +99,7 @@ class Param:
     choices: tuple[str, ...] | Callable[[], Sequence[str]] | None = None
     range: tuple[float | None, float | None] | None = None
     path: bool = False
+    check: Callable[[Value], str | None] | None = None
 
     @property
     def type(self) -> type:
@@ -118,6 +123,10 @@ class Param:
             renamed = [r._renamed[value] for r in _REGISTRIES.values() if value in r._renamed]
             hint = f" ({value!r} was renamed {renamed[0]!r})" if renamed and renamed[0] in names else ""
             return f"run-config {self.key}={value!r} is not allowed{hint}; allowed values: {', '.join(names)}"
+        if self.check is not None:
+            why = self.check(value)
+            if why:
+                return f"run-config {self.key}={value!r}: {why}"
         return None
 
 

@@ -47,7 +47,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsec.bounds_clip import BoundLearner
+from fedsec.bounds_clip import BoundLearner, quantile_list_problem
 from fedsec.registry import Param
 from strategies.bounds_wrapper import BoundsWrapper, bounds_to_record
 from strategies.common import select_arrays
@@ -108,6 +108,25 @@ PARAMS: tuple[Param, ...] = (
     Param("bounds-two-sided", False, "also lower bounds (at 1 - bounds-init-quantile)"),
     Param("bounds-trim", 0.0, "fraction of the largest per-image losses ignored", range=(0.0, 0.99)),
     Param("bounds-client-training", True, "clients also train under the clamps"),
+    Param(
+        "bounds-tune",
+        "none",
+        "choose bounds-init-quantile on the synthetic set in the first round: the tightest of bounds-tune-quantiles "
+        "whose bounds change at most bounds-tune-tolerance of held-out synthetic predictions (holdout)",
+        choices=("none", "holdout"),
+    ),
+    Param(
+        "bounds-tune-quantiles",
+        "0.99,0.98,0.95,0.9,0.85,0.8,0.7",
+        "holdout: candidate quantiles, comma-separated, each in (0, 1]",
+        check=quantile_list_problem,
+    ),
+    Param(
+        "bounds-tune-tolerance",
+        0.02,
+        "holdout: largest share of held-out synthetic predictions the bounds may change",
+        range=(0.0, 1.0),
+    ),
 )
 
 

@@ -70,7 +70,9 @@ class BoundsWrapper(StrategyWrapper):
         of ``array_keys`` to a numpy copy of the new global array, ``bounds``
         maps a layer name to its bound, ``metrics`` are scalars added to the
         round's training metrics. If it has a ``load(bounds)`` method, a
-        resumed run's bounds are handed to it (see :meth:`load_state_dict`).
+        resumed run's bounds are handed to it (see :meth:`load_state_dict`);
+        if it has ``state_dict()`` / ``load_state_dict(state)`` (name -> array),
+        its own state is checkpointed with the bounds.
     array_keys : sequence of str
         The arrays of the model's ``ArrayRecord`` the learner needs (e.g. every
         key of a CNN's ``state_dict``, or fedsec's prompt array).
@@ -110,15 +112,29 @@ class BoundsWrapper(StrategyWrapper):
         """Key prefix of the bounds in :meth:`state_dict`."""
         return self.bounds_key + "/"
 
+    @property
+    def learner_prefix(self) -> str:
+        """Key prefix of the learner's own state (``learn.state_dict()``, if it has one) in :meth:`state_dict`."""
+        return self.bounds_key + "-learner/"
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The newest bounds (``<bounds_key>/<layer>``): a resumed run continues from them."""
-        return {} if self.bounds is None else {self.state_prefix + n: v for n, v in self.bounds.items()}
+        """The newest bounds (``<bounds_key>/<layer>``) and the learner's state: a resumed run continues from them."""
+        out = {} if self.bounds is None else {self.state_prefix + n: v for n, v in self.bounds.items()}
+        learner_state = getattr(self.learn, "state_dict", None)
+        if callable(learner_state):
+            out.update({self.learner_prefix + k: np.asarray(v) for k, v in learner_state().items()})
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore the bounds of :meth:`state_dict` and hand them to ``learn.load`` when it has one."""
+        """Restore :meth:`state_dict`: the bounds go to ``learn.load`` and its state to ``learn.load_state_dict``."""
         prefix = self.state_prefix
         bounds = {k[len(prefix) :]: np.asarray(v, np.float32) for k, v in state.items() if k.startswith(prefix)}
         self.bounds = bounds or None
+        prefix = self.learner_prefix
+        own = {k[len(prefix) :]: np.asarray(v) for k, v in state.items() if k.startswith(prefix)}
+        load_own = getattr(self.learn, "load_state_dict", None)
+        if own and callable(load_own):
+            load_own(own)
         load = getattr(self.learn, "load", None)
         if bounds and callable(load):
             load(bounds)

@@ -53,7 +53,8 @@ class Recorder(StrategyWrapper):
         Metric a reply reports its partition (client identity) under; replies
         without it are left out of ``partitions`` and ``updates``.
     metric_keys : sequence of str
-        Aggregated training metrics handed to ``sink``.
+        Aggregated training metrics handed to ``sink``; a key ending in ``*`` is a
+        prefix (``"bound-*"``: every metric the server's bound learner reports).
     """
 
     def __init__(
@@ -143,8 +144,8 @@ class Recorder(StrategyWrapper):
         if records:  # e.g. activation bounds sent beside the model
             info["records"] = {name: {k: v.numpy() for k, v in rec.items()} for name, rec in records.items()}
         if metrics is not None:
-            for key in self.metric_keys:
-                if key in metrics:
+            for key in metrics.keys():
+                if any(key == k or (k.endswith("*") and key.startswith(k[:-1])) for k in self.metric_keys):
                     info[key.replace("-", "_")] = float(metrics[key])
         self.sink(info)
         return arrays, metrics

@@ -31,7 +31,8 @@ ARRAYRECORD_KEY, METRICRECORD_KEY, WEIGHTED_BY_KEY = "arrays", "metrics", "num-e
 #: The prompt array in the ArrayRecord, and the metric each reply reports its partition under.
 PROMPT_ARRAY, CLIENT_ID_KEY = "ctx", "partition-id"
 #: Aggregated training metrics the evaluation records.
-RECORDED_METRICS = ("train-loss", "train-acc", "rejected-replies")
+#: Aggregated training metrics written to ``metrics.jsonl`` (``*``: a prefix: the server's own fusion and bounds).
+RECORDED_METRICS = ("train-loss", "train-acc", "rejected-replies", "fusion-*", "bound-*")
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> int:

@@ -116,7 +116,7 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     trigger = PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), seed=seed)
     opt = torch.optim.Adam([*trigger.parameters(), surrogate.ctx], lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    clamps = attacker_bounds(cfg, model, images) if bool(cfg.get("attack-under-bounds")) else None
+    clamps = attacker_bounds(cfg, model, images, labels) if bool(cfg.get("attack-under-bounds")) else None
     with bounded(model.bound_root(), clamps):
         feats = clip.encode_images_batched(images)
     target = torch.full((32,), int(cfg.target_label), dtype=torch.long)
@@ -140,19 +140,25 @@ def _bounds_key(cfg) -> list:
     """The settings an adaptive FM attacker's trigger depends on (nothing without ``attack-under-bounds``)."""
     if not bool(cfg.get("attack-under-bounds")):
         return []
-    keys = ("bounds-layers", "bounds-granularity", "bounds-init-quantile", "bounds-two-sided")
+    keys = ("bounds-layers", "bounds-granularity", "bounds-init-quantile", "bounds-two-sided", "bounds-tune")
+    if str(cfg.get("bounds-tune")) != "none":
+        keys += ("bounds-tune-quantiles", "bounds-tune-tolerance", "bounds-steps", "bounds-trim")
     return ["under-bounds", *(cfg.get(k) for k in keys)]
 
 
-def attacker_bounds(cfg, model, images: torch.Tensor):
+def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | None = None):
     """The bounds the defense's initialisation gives on the attacker's clean synthetic ``images``.
 
     The layers of ``bounds-layers`` that the attacker's surrogate (a CoOp prompt on the frozen
     CLIP) has, at ``bounds-init-quantile`` per ``bounds-granularity`` (two-sided with
     ``bounds-two-sided``): what :class:`fedsec.bounds_clip.BoundLearner` starts from on the same
-    images. Layers of a learner the attacker does not model (``adapter.*``) are skipped.
+    images. With ``bounds-tune = "holdout"`` the attacker runs the defender's own procedure
+    (:func:`fedsec.activation_bounds.tune_quantile`, with its ``labels``) on its images and
+    surrogate to guess the quantile the server will choose. Layers of a learner the attacker
+    does not model (``adapter.*``) are skipped.
     """
-    from fedsec.activation_bounds import init_bounds, match_layer
+    from fedsec.activation_bounds import class_halves, init_bounds, match_layer, tune_quantile
+    from fedsec.bounds_clip import parse_quantiles
 
     root = model.bound_root()
     names = [n for n, _ in root.named_modules() if n]
@@ -160,15 +166,30 @@ def attacker_bounds(cfg, model, images: torch.Tensor):
     layers = [n for n in names if any(match_layer(n, p) for p in patterns)]
     if not layers:
         return None
+    quantile = float(cfg.get("bounds-init-quantile"))
+    granularity, two_sided = str(cfg.get("bounds-granularity")), bool(cfg.get("bounds-two-sided"))
+    if str(cfg.get("bounds-tune")) == "holdout" and labels is not None:
+        held = class_halves(labels.cpu(), cfg.seed * 7_919 + 1)
+        quantile, _ = tune_quantile(
+            root,
+            model.encode_images,
+            model,
+            images[~held],
+            images[held],
+            layers,
+            parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
+            float(cfg.get("bounds-tune-tolerance")),
+            granularity=granularity,
+            two_sided=two_sided,
+            channel_dim=-1,
+            steps=int(cfg.get("bounds-steps")),
+            lr=float(cfg.get("bounds-lr")),
+            penalty=float(cfg.get("bounds-penalty")),
+            batch_size=int(cfg.get("bounds-batch-size")),
+            trim=float(cfg.get("bounds-trim")),
+        )
     return init_bounds(
-        root,
-        model.encode_images,
-        images,
-        layers,
-        str(cfg.get("bounds-granularity")),
-        float(cfg.get("bounds-init-quantile")),
-        two_sided=bool(cfg.get("bounds-two-sided")),
-        channel_dim=-1,
+        root, model.encode_images, images, layers, granularity, quantile, two_sided=two_sided, channel_dim=-1
     )
 
 
