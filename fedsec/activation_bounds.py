@@ -577,31 +577,32 @@ def class_halves(labels: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prediction_change(
+def accuracy_drop(
     model: nn.Module,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
+    labels: torch.Tensor,
     bounds: ActivationBounds,
     batch_size: int = 256,
 ) -> float:
-    """Share of ``images`` whose predicted class the clamps of ``bounds`` change (0.0 for no images)."""
+    """Accuracy on ``(images, labels)`` without the clamps of ``bounds`` minus with them (0.0 for no images)."""
     if len(images) == 0:
         return 0.0
-    changed = 0
+    free = clamped = 0
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        free = logits_fn(x).argmax(-1)
+        x, y = images[i : i + batch_size], labels[i : i + batch_size].to(images.device)
+        free += int((logits_fn(x).argmax(-1).to(y.device) == y).sum())
         with bounded(model, bounds):
-            clamped = logits_fn(x).argmax(-1)
-        changed += int((free != clamped).sum())
-    return changed / len(images)
+            clamped += int((logits_fn(x).argmax(-1).to(y.device) == y).sum())
+    return (free - clamped) / len(images)
 
 
 def tune_quantile(
     model: nn.Module,
     forward: Callable[[torch.Tensor], object],
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    fit: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
     held_out: torch.Tensor,
     layers: Sequence[str],
     quantiles: Sequence[float],
@@ -614,25 +615,30 @@ def tune_quantile(
 ) -> tuple[float, dict[float, float]]:
     """Choose the bounds' initial quantile with the defender's own data: the tightest within a clean-cost budget.
 
-    For every candidate quantile the bounds are initialised on ``fit`` (:func:`init_bounds`) and
-    optimised on it as the run would (:func:`optimize_bounds` with ``optimize``); their cost is the
-    share of ``held_out`` images whose prediction the clamps change (:func:`prediction_change`).
-    The chosen quantile is :func:`tightest_within` the ``tolerance``. Nothing but ``fit`` and
-    ``held_out`` is read: on the server these are the synthetic set (Bi & Li's defender holds
-    nothing else), never the clients' or the test images, and the trigger is never known.
+    Two-fold: for every candidate quantile the bounds are initialised on one half of ``images``
+    (:func:`init_bounds`) and optimised on it as the run would (:func:`optimize_bounds` with
+    ``optimize``); their cost is the accuracy they take from the model on the other half
+    (:func:`accuracy_drop`), averaged over the two ways round (``held_out`` and its complement).
+    The chosen quantile is :func:`tightest_within` the ``tolerance``. Nothing but ``images`` and
+    ``labels`` is read: on the server these are the synthetic set and its labels (Bi & Li's
+    defender holds nothing else), never the clients' or the test images, and the trigger is
+    never known.
 
     Parameters
     ----------
     model, forward, logits_fn
         As for :func:`init_bounds` and :func:`optimize_bounds`.
-    fit, held_out : torch.Tensor
-        Images the bounds are learned on, and images their cost is measured on.
+    images, labels : torch.Tensor
+        The defender's labelled images.
+    held_out : torch.Tensor
+        Booleans: the first fold's held-out images (e.g. :func:`class_halves`); the second fold
+        holds out the rest.
     layers : sequence of str
         Module names to bound.
     quantiles : sequence of float
         Candidates, each in ``(0, 1]``.
     tolerance : float
-        Largest accepted share of changed held-out predictions.
+        Largest accepted accuracy drop (a share, 0.02 = 2 points).
     granularity, two_sided, channel_dim
         As for :func:`init_bounds`.
     **optimize
@@ -653,10 +659,16 @@ def tune_quantile(
     bad = [q for q in quantiles if not 0.0 < q <= 1.0]
     if bad:
         raise ValueError(f"candidate quantiles must be in (0, 1]; got {bad}")
+    held_out = held_out.to(images.device)
+    folds = [(~held_out, held_out), (held_out, ~held_out)]
     costs: dict[float, float] = {}
     for q in quantiles:
-        bounds = init_bounds(model, forward, fit, layers, granularity, q, two_sided=two_sided, channel_dim=channel_dim)
-        bounds = bounds.to(fit.device)
-        optimize_bounds(model, logits_fn, fit, bounds, **optimize)  # type: ignore[arg-type]
-        costs[float(q)] = prediction_change(model, logits_fn, held_out, bounds)
+        drops = []
+        for fit, evaluate in folds:
+            bounds = init_bounds(
+                model, forward, images[fit], layers, granularity, q, two_sided=two_sided, channel_dim=channel_dim
+            ).to(images.device)
+            optimize_bounds(model, logits_fn, images[fit], bounds, **optimize)  # type: ignore[arg-type]
+            drops.append(accuracy_drop(model, logits_fn, images[evaluate], labels[evaluate.cpu()], bounds))
+        costs[float(q)] = float(np.mean(drops))
     return tightest_within(costs, tolerance), costs

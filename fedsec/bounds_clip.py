@@ -154,23 +154,24 @@ class BoundLearner:
     def _tune(self, images, labels, logits_fn, server_round: int) -> dict[str, float]:
         """Choose the initial quantile on the synthetic ``images`` (``bounds-tune = "holdout"``); its metrics.
 
-        The defender's procedure (:func:`~fedsec.activation_bounds.tune_quantile`): a seeded half of
-        every class of the images the bounds are learned on (after the filter of ``bounds-data``) is
-        held out; for every candidate of ``bounds-tune-quantiles`` the bounds are initialised and
-        optimised on the other half, as the run would; the chosen quantile is the smallest whose
-        bounds change at most ``bounds-tune-tolerance`` of the held-out predictions of the global
-        model. It reads the server's synthetic set and the global model only.
+        The defender's procedure (:func:`~fedsec.activation_bounds.tune_quantile`): the images the
+        bounds are learned on (after the filter of ``bounds-data``) are split into seeded halves of
+        every class; for every candidate of ``bounds-tune-quantiles`` the bounds are initialised
+        and optimised on one half, as the run would, and cost the accuracy (against the synthetic
+        labels) they take from the global model on the other half, both ways round; the chosen
+        quantile is the smallest whose cost is at most ``bounds-tune-tolerance``. It reads the
+        server's synthetic set and the global model only.
         """
         from fedsec.activation_bounds import class_halves, tune_quantile
 
         cfg, state = self.cfg, self.state
-        held = class_halves(labels.cpu(), cfg.seed * 7_919 + server_round).to(images.device)
         chosen, costs = tune_quantile(
             state["root"],
             state["model"].encode_images,
             logits_fn,
-            images[~held],
-            images[held],
+            images,
+            labels.cpu(),
+            class_halves(labels.cpu(), cfg.seed * 7_919 + server_round),
             state["layers"],
             parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
             float(cfg.get("bounds-tune-tolerance")),
@@ -180,7 +181,7 @@ class BoundLearner:
             **self._optimize_kwargs(server_round),
         )
         self.quantile = chosen
-        log(INFO, "[fedsec] activation bounds: held-out cost per quantile %s -> %.3f", costs, chosen)
+        log(INFO, "[fedsec] activation bounds: held-out accuracy cost per quantile %s -> %.3f", costs, chosen)
         return {f"bound-tune-cost-q{q:g}": c for q, c in costs.items()}
 
     def _filtered(self, mode: str = "filtered") -> tuple[object, object, dict]:

@@ -112,7 +112,7 @@ PARAMS: tuple[Param, ...] = (
         "bounds-tune",
         "none",
         "choose bounds-init-quantile on the synthetic set in the first round: the tightest of bounds-tune-quantiles "
-        "whose bounds change at most bounds-tune-tolerance of held-out synthetic predictions (holdout)",
+        "whose bounds take at most bounds-tune-tolerance of accuracy on held-out synthetic images (holdout, 2-fold)",
         choices=("none", "holdout"),
     ),
     Param(
@@ -124,7 +124,7 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "bounds-tune-tolerance",
         0.02,
-        "holdout: largest share of held-out synthetic predictions the bounds may change",
+        "holdout: largest accuracy drop (a share) the bounds may cause on held-out synthetic images",
         range=(0.0, 1.0),
     ),
 )

@@ -9,9 +9,9 @@ from torch import nn
 
 import fedsec.activation_bounds as ab
 from fedsec.activation_bounds import (
+    accuracy_drop,
     class_halves,
     init_bounds,
-    prediction_change,
     tightest_within,
     tune_quantile,
 )
@@ -59,28 +59,47 @@ def _planted_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     return net, clean, triggered
 
 
-def test_tune_quantile_measures_each_candidate_on_the_held_out_half_and_keeps_the_tightest_within_budget():
-    # Prepare: a planted net, clean fit / held-out halves, no optimisation steps (costs are then init-only)
+def test_accuracy_drop_counts_what_the_clamps_take_by_hand():
+    # Prepare: logits = the input itself; an upper bound of 0.5 on the first logit
+    net = nn.Sequential(nn.Identity())
+    images = torch.tensor([[1.0, 0.8], [0.4, 0.1], [0.9, 0.2], [0.2, 0.9]])
+    labels = torch.tensor([0, 0, 0, 1])
+    bounds = ab.ActivationBounds({"0": torch.tensor([0.5, float("inf")])})
+    # Execute
+    drop = accuracy_drop(net, net, images, labels, bounds)
+    # Assert: unclamped 4 of 4 right; clamped, item 0 becomes [0.5, 0.8] -> class 1 (wrong): 3 of 4
+    assert drop == pytest.approx(0.25)
+    assert accuracy_drop(net, net, images[:0], labels[:0], bounds) == 0.0
+
+
+def test_tune_quantile_costs_each_candidate_two_fold_and_keeps_the_tightest_within_budget():
+    # Prepare: a planted net, clean inputs labelled by the net itself, a class-stratified split, no optimisation steps
     net, clean, triggered = _planted_net()
-    fit, held = clean[:200], clean[200:]
+    labels = net(clean).argmax(-1)
+    held = class_halves(labels, 0)
     quantiles = [1.0, 0.99, 0.9, 0.5]
     # Execute
-    chosen, costs = tune_quantile(net, net, net, fit, held, ["1"], quantiles, 0.05, granularity="neuron", steps=0)
-    # Assert: each cost is the held-out prediction change of the bounds initialised on fit at that quantile
+    chosen, costs = tune_quantile(
+        net, net, net, clean, labels, held, ["1"], quantiles, 0.05, granularity="neuron", steps=0
+    )
+    # Assert: each cost is the mean of the two folds' held-out accuracy drops under bounds initialised on the other fold
     for q in quantiles:
-        expected = prediction_change(net, net, held, init_bounds(net, net, fit, ["1"], "neuron", q))
-        assert costs[q] == pytest.approx(expected)
+        drops = [
+            accuracy_drop(net, net, clean[ev], labels[ev], init_bounds(net, net, clean[fit], ["1"], "neuron", q))
+            for fit, ev in ((~held, held), (held, ~held))
+        ]
+        assert costs[q] == pytest.approx(sum(drops) / 2)
     assert chosen == tightest_within(costs, 0.05)
     assert costs[1.0] <= costs[0.5]
     # the chosen bounds cut the planted trigger: unit 0 is 0 on every clean input, so any quantile bounds it at 0
-    bounds = init_bounds(net, net, fit, ["1"], "neuron", chosen)
+    bounds = init_bounds(net, net, clean, ["1"], "neuron", chosen)
     with ab.bounded(net, bounds):
         asr = float((net(triggered).argmax(-1) == 2).float().mean())
         clean_rate = float((net(clean).argmax(-1) == 2).float().mean())
     assert float((net(triggered).argmax(-1) == 2).float().mean()) == 1.0
     assert asr == pytest.approx(clean_rate)  # the triggered inputs behave as the clean ones under the bounds
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        tune_quantile(net, net, net, fit, held, ["1"], [0.0], 0.05)
+        tune_quantile(net, net, net, clean, labels, held, ["1"], [0.0], 0.05)
 
 
 def _synthetic(n: int = 40):
@@ -118,7 +137,7 @@ def test_bound_learner_tunes_once_on_the_synthetic_set_only_and_a_resumed_run_ke
 
         return wrapped
 
-    for name in ("init_bounds", "optimize_bounds", "prediction_change"):
+    for name in ("init_bounds", "optimize_bounds", "accuracy_drop"):
         monkeypatch.setattr(ab, name, only_synthetic(getattr(ab, name)))
     cfg = RunConfig.from_mapping(
         {
@@ -140,11 +159,11 @@ def test_bound_learner_tunes_once_on_the_synthetic_set_only_and_a_resumed_run_ke
     resumed_learner = BoundLearner(cfg, lambda: synthetic)
     ActivationBoundWrapper(_FedAvg(), resumed_learner, "ctx").load_state_dict(wrapper.state_dict())
     _, third = resumed_learner({"ctx": ctx + 0.02}, 3)
-    # Assert: round 1 measured every candidate on the held-out half (20 of 40 images) and chose by the rule
+    # Assert: round 1 costed every candidate on held-out halves (20 of the 40 images each fold) and chose by the rule
     costs = {float(k.removeprefix("bound-tune-cost-q")): v for k, v in first.items() if k.startswith("bound-tune")}
     assert sorted(costs) == [0.5, 0.9, 1.0]
     assert first["bound-quantile"] == tightest_within(costs, 0.1) == learner.quantile
-    assert 20 in seen and seen  # the held-out half went through prediction_change
+    assert seen.count(20) >= 2 * 3 * 2  # 3 candidates x 2 folds: init, optimise (and evaluate) on 20 images each
     # later rounds and the resumed run keep the choice without measuring again
     assert second["bound-quantile"] == third["bound-quantile"] == first["bound-quantile"]
     assert not any(k.startswith("bound-tune") for k in (*second, *third))

@@ -169,13 +169,13 @@ def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | Non
     quantile = float(cfg.get("bounds-init-quantile"))
     granularity, two_sided = str(cfg.get("bounds-granularity")), bool(cfg.get("bounds-two-sided"))
     if str(cfg.get("bounds-tune")) == "holdout" and labels is not None:
-        held = class_halves(labels.cpu(), cfg.seed * 7_919 + 1)
         quantile, _ = tune_quantile(
             root,
             model.encode_images,
             model,
-            images[~held],
-            images[held],
+            images,
+            labels.cpu(),
+            class_halves(labels.cpu(), cfg.seed * 7_919 + 1),
             layers,
             parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
             float(cfg.get("bounds-tune-tolerance")),
