@@ -16,6 +16,7 @@ from fedsec.activation_bounds import (
     tune_quantile,
 )
 from fedsec.config import ConfigError, RunConfig
+from tests.test_activation_bounds import _FedAvg, _planted_net
 
 
 def test_tightest_within_takes_the_smallest_quantile_inside_the_budget():
@@ -38,25 +39,6 @@ def test_class_halves_hold_out_floor_half_of_every_class_and_are_seeded():
     assert [int(a[labels == k].sum()) for k in (0, 1, 2)] == [2, 1, 0]
     assert torch.equal(a, b)
     assert [int(c[labels == k].sum()) for k in (0, 1, 2)] == [2, 1, 0]
-
-
-def _planted_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
-    """A 2-layer MLP whose hidden unit 0 fires only on a 'trigger' feature (feature 7) and votes for class 2."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    with torch.no_grad():
-        net[0].weight[:, 7] = 0.0
-        net[0].weight[0] = 0.0
-        net[0].weight[0, 7] = 50.0
-        net[0].bias[0] = 0.0
-        net[2].weight[:, 0] = torch.tensor([0.0, 0.0, 1.0])
-    for p in net.parameters():
-        p.requires_grad_(False)
-    clean = torch.randn(400, 8)
-    clean[:, 7] = 0.0
-    triggered = clean.clone()
-    triggered[:, 7] = 1.0
-    return net, clean, triggered
 
 
 def test_accuracy_drop_counts_what_the_clamps_take_by_hand():
@@ -117,7 +99,6 @@ def test_bound_learner_tunes_once_on_the_synthetic_set_only_and_a_resumed_run_ke
     from fedsec.bounds_clip import BoundLearner
     from fedsec.node import get_ctx
     from strategies.activation_bound import ActivationBoundWrapper
-    from tests.test_activation_bounds import _FedAvg
 
     def refuse(*args, **kwargs):
         raise AssertionError("the bounds' tuning read a dataset")
