@@ -5,8 +5,12 @@ Reads the finished runs of the grids ``learners_fm``, ``learners_fm_optimized``,
 one row per run, its last round's clean accuracy and ASR with the bounds (the deployed model) and the same global
 model without them, and the cost of the bounds (clean accuracy without minus with). Unfinished runs are listed
 below the table. No training code runs here: only ``config.json``, ``metrics.jsonl`` and ``summary.json``.
+With ``--runs`` it reads the given run folders instead (e.g. the committed ones of session 13,
+``experiments/results/fm_tuned/*``) and writes the table to ``--out``.
 
     python experiments/learners_fm_table.py
+    python experiments/learners_fm_table.py --runs experiments/results/fm_tuned/* \
+        --out experiments/results/fm_tuned_table
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 GRIDS = ("learners_fm", "learners_fm_optimized", "learners_fm_adapter", "learners_fm_adaptive")
 COLUMNS = ("grid", "learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr",
-           "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "trigger_zs_asr", "rounds", "run")  # fmt: skip
+           "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
+           "trigger_zs_asr", "rounds", "run")  # fmt: skip
 
 
 def defense_name(cfg: dict) -> str:
@@ -29,7 +34,10 @@ def defense_name(cfg: dict) -> str:
     if data == "all" and not cfg.get("bounds-two-sided"):
         return f"bounds as in the paper ({layers})"
     reference = cfg.get("bounds-reference", "shadow")
-    return f"two-sided, {data} ({'initial model' if reference == 'initial' else 'unfused shadow'})"
+    name = f"two-sided, {data} ({'initial model' if reference == 'initial' else 'unfused shadow'})"
+    if cfg.get("bounds-tune", "none") != "none":
+        return f"{name}, quantile tuned on synthetic data"
+    return f"{name}, q {cfg.get('bounds-init-quantile', 1.0):g}"
 
 
 def row_of(grid: str, run: Path) -> dict | None:
@@ -40,6 +48,8 @@ def row_of(grid: str, run: Path) -> dict | None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1]
     bounded = last.get("clean_acc_nobounds") is not None
+    trained = [r for r in rows if r["round"] > 0 and r.get("clean_acc_nobounds") is not None]
+    raised = [r["round"] for r in trained if r.get("asr") is not None and r["asr"] > r["asr_nobounds"]]
     pct = lambda v: None if v is None else round(100 * float(v), 1)  # noqa: E731
     return {
         "grid": grid,
@@ -53,34 +63,48 @@ def row_of(grid: str, run: Path) -> dict | None:
         "clean_acc_nobounds": pct(last.get("clean_acc_nobounds")) if bounded else None,
         "asr_nobounds": pct(last.get("asr_nobounds")) if bounded else None,
         "bounds_cost": round(100 * (last["clean_acc_nobounds"] - last["clean_acc"]), 1) if bounded else None,
+        "max_round_cost": round(max(100 * (r["clean_acc_nobounds"] - r["clean_acc"]) for r in trained), 1)
+        if trained
+        else None,
+        "asr_raised_rounds": " ".join(map(str, raised)) if trained else None,
         "trigger_zs_asr": pct(last.get("trigger_zs_asr")),
         "rounds": last["round"],
         "run": str(run),
     }
 
 
-def main() -> None:
-    """Write the table from every finished run of the grids."""
+def main(argv: list[str] | None = None) -> None:
+    """Write the table from every finished run of the grids (or of ``--runs``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="*", help="run folders to read instead of the grids' (runs/sweeps/<grid>/*)")
+    ap.add_argument("--out", default="experiments/results/learners_fm_table", help="output stem (.md, .csv)")
+    a = ap.parse_args(argv)
+    if a.runs:
+        runs = [("-", Path(r)) for r in sorted(a.runs)]
+    else:
+        runs = [(grid, run) for grid in GRIDS for run in sorted(Path("runs/sweeps", grid).glob("*"))]
     out, missing = [], []
-    for grid in GRIDS:
-        for run in sorted(Path("runs/sweeps", grid).glob("*")):
-            if not run.is_dir() or ".replaced-" in run.name:
-                continue
-            row = row_of(grid, run)
-            (out.append(row) if row else missing.append(str(run)))
+    for grid, run in runs:
+        if not run.is_dir() or ".replaced-" in run.name:
+            continue
+        row = row_of(grid, run)
+        (out.append(row) if row else missing.append(str(run)))
     order = {"coop": 0, "clip-adapter": 1, "vpt-deep": 2}
     out.sort(key=lambda r: (order.get(r["learner"], 9), r["attack"], r["trigger"], r["adaptive"], r["defense"]))
-    stem = Path("experiments/results/learners_fm_table")
+    stem = Path(a.out)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(out)
     fmt = lambda v: "-" if v is None else (f"{v}%" if isinstance(v, float) else str(v))  # noqa: E731
     head = ("learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr", "clean_acc_nobounds",
-            "asr_nobounds", "bounds_cost", "trigger_zs_asr")  # fmt: skip
+            "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds", "trigger_zs_asr")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out:
-        cells = [fmt(r[k]) if k != "bounds_cost" else ("-" if r[k] is None else f"{r[k]:+.1f}") for k in head]
+        cost = ("bounds_cost", "max_round_cost")
+        cells = [fmt(r[k]) if k not in cost else ("-" if r[k] is None else f"{r[k]:+.1f}") for k in head]
         lines.append("| " + " | ".join(cells) + " |")
     if missing:
         lines += ["", "Unfinished (not in the table):", *(f"- `{m}`" for m in missing)]
