@@ -82,7 +82,9 @@ def test_bounds_on_the_adapters_hidden_layer_cut_a_planted_backdoor_neuron():
     # Assert: the planted neuron fires on triggered images (most go to the target); the bound, the clean
     # maximum, is 0, so under it the adapter adds nothing: the frozen features' logits; on the clean images
     # the bounds were set on, nothing changes
-    assert list(bounds) == ["adapter.hidden"] and float(np.abs(bounds["adapter.hidden"]).max()) == 0.0
+    # (0 up to float rounding: the planted unit's clean maximum is fc @ w - beta * fc @ m, whose last bits depend on
+    # the CPU's matmul kernel; 4e-9 on a machine of session 13)
+    assert list(bounds) == ["adapter.hidden"] and float(np.abs(bounds["adapter.hidden"]).max()) <= 1e-6
     assert float((before.argmax(-1) == TARGET).float().mean()) >= 0.5
     torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-4)
     assert float((after.argmax(-1) == TARGET).float().mean()) <= 0.2
