@@ -6,11 +6,11 @@ one row per run, its last round's clean accuracy and ASR with the bounds (the de
 model without them, and the cost of the bounds (clean accuracy without minus with). Unfinished runs are listed
 below the table. No training code runs here: only ``config.json``, ``metrics.jsonl`` and ``summary.json``.
 With ``--runs`` it reads the given run folders instead (e.g. the committed ones of session 13,
-``experiments/results/fm_tuned/*``) and writes the table to ``--out``.
+``experiments/results/bounds_tuned/*``) and writes the table to ``--out``.
 
     python experiments/learners_fm_table.py
-    python experiments/learners_fm_table.py --runs experiments/results/fm_tuned/* \
-        --out experiments/results/fm_tuned_table
+    python experiments/learners_fm_table.py --runs experiments/results/bounds_tuned/* \
+        --out experiments/results/bounds_tuned_table
 """
 
 from __future__ import annotations
