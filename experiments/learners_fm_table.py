@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(out)
     fmt = lambda v: "-" if v is None else (f"{v}%" if isinstance(v, float) else str(v))  # noqa: E731
     head = ("learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr", "clean_acc_nobounds",
-            "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds", "trigger_zs_asr")  # fmt: skip
+            "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds", "trigger_zs_asr", "run")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out:
         cost = ("bounds_cost", "max_round_cost")
-        cells = [fmt(r[k]) if k not in cost else ("-" if r[k] is None else f"{r[k]:+.1f}") for k in head]
+        cells = [fmt(r[k]) if k not in cost else ("-" if r[k] is None else f"{r[k]:+.1f}") for k in head[:-1]]
+        cells.append(Path(r["run"]).name)
         lines.append("| " + " | ".join(cells) + " |")
     if missing:
         lines += ["", "Unfinished (not in the table):", *(f"- `{m}`" for m in missing)]
