@@ -138,47 +138,22 @@ class BoundLearner:
             channel_dim=-1,  # open_clip's transformer blocks (batch, tokens, channels); the adapter's (batch, units)
         ).to(state["clip"].device)
 
-    def _optimize_kwargs(self, server_round: int) -> dict:
-        """The keyword arguments of :func:`~fedsec.activation_bounds.optimize_bounds` in round ``server_round``."""
-        cfg = self.cfg
-        return dict(
-            steps=int(cfg.get("bounds-steps")),
-            lr=float(cfg.get("bounds-lr")),
-            penalty=float(cfg.get("bounds-penalty")),
-            loss=str(cfg.get("bounds-loss")),
-            batch_size=int(cfg.get("bounds-batch-size")),
-            seed=cfg.seed * 104_729 + server_round,
-            trim=float(cfg.get("bounds-trim")),
-        )
-
     def _tune(self, images, labels, logits_fn, server_round: int) -> dict[str, float]:
         """Choose the initial quantile on the synthetic ``images`` (``bounds-tune = "holdout"``); its metrics.
 
-        The defender's procedure (:func:`~fedsec.activation_bounds.tune_quantile`): the images the
-        bounds are learned on (after the filter of ``bounds-data``) are split into seeded halves of
-        every class; for every candidate of ``bounds-tune-quantiles`` the bounds are initialised
-        and optimised on one half, as the run would, and cost the accuracy (against the synthetic
-        labels) they take from the global model on the other half, both ways round; the chosen
-        quantile is the smallest whose cost is at most ``bounds-tune-tolerance``. It reads the
-        server's synthetic set and the global model only.
+        :func:`tune_from_config` on the images the bounds are learned on (after the filter of
+        ``bounds-data``) and the global model: the server's synthetic set and nothing else.
         """
-        from fedsec.activation_bounds import class_halves, tune_quantile
-
-        cfg, state = self.cfg, self.state
-        chosen, costs = tune_quantile(
+        state = self.state
+        chosen, costs = tune_from_config(
+            self.cfg,
             state["root"],
             state["model"].encode_images,
             logits_fn,
             images,
-            labels.cpu(),
-            class_halves(labels.cpu(), cfg.seed * 7_919 + server_round),
+            labels,
             state["layers"],
-            parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
-            float(cfg.get("bounds-tune-tolerance")),
-            granularity=str(cfg.get("bounds-granularity")),
-            two_sided=bool(cfg.get("bounds-two-sided")),
-            channel_dim=-1,
-            **self._optimize_kwargs(server_round),
+            server_round,
         )
         self.quantile = chosen
         log(INFO, "[fedsec] activation bounds: held-out accuracy cost per quantile %s -> %.3f", costs, chosen)
@@ -249,11 +224,54 @@ class BoundLearner:
             state["bounds"] = self._init(images)  # the first round's arrays: the image path may depend on them
             if not filtered and self.loaded is not None:
                 self._set(self.loaded)
-        kwargs = self._optimize_kwargs(server_round)
+        kwargs = optimize_kwargs(cfg, server_round)
         stats = optimize_bounds(state["root"], logits_fn, images, state["bounds"], **kwargs)
         if self.quantile is not None:
             extra["bound-quantile"] = self.quantile
         return state["bounds"].to_arrays(), {**stats, **extra}
+
+
+def optimize_kwargs(cfg: RunConfig, server_round: int) -> dict:
+    """The keyword arguments of :func:`~fedsec.activation_bounds.optimize_bounds` in round ``server_round``."""
+    return dict(
+        steps=int(cfg.get("bounds-steps")),
+        lr=float(cfg.get("bounds-lr")),
+        penalty=float(cfg.get("bounds-penalty")),
+        loss=str(cfg.get("bounds-loss")),
+        batch_size=int(cfg.get("bounds-batch-size")),
+        seed=cfg.seed * 104_729 + server_round,
+        trim=float(cfg.get("bounds-trim")),
+    )
+
+
+def tune_from_config(cfg: RunConfig, root, forward, logits_fn, images, labels, layers, server_round: int = 1):
+    """The run's ``bounds-tune = "holdout"`` procedure on labelled ``images``: ``(chosen quantile, costs)``.
+
+    :func:`~fedsec.activation_bounds.tune_quantile` with the run's keys: seeded halves of every
+    class (:func:`~fedsec.activation_bounds.class_halves`), every candidate of
+    ``bounds-tune-quantiles`` initialised and optimised on one half as round ``server_round``
+    would (:func:`optimize_kwargs`) and costed by the accuracy it takes on the other, both ways
+    round; the tightest within ``bounds-tune-tolerance``. The server runs it in round 1 on its
+    synthetic set; the adaptive FM attacker runs the same on its own clean images.
+    """
+    from fedsec.activation_bounds import class_halves, tune_quantile
+
+    labels = labels.cpu()
+    return tune_quantile(
+        root,
+        forward,
+        logits_fn,
+        images,
+        labels,
+        class_halves(labels, cfg.seed * 7_919 + server_round),
+        layers,
+        parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
+        float(cfg.get("bounds-tune-tolerance")),
+        granularity=str(cfg.get("bounds-granularity")),
+        two_sided=bool(cfg.get("bounds-two-sided")),
+        channel_dim=-1,  # open_clip's transformer blocks (batch, tokens, channels); the adapter's (batch, units)
+        **optimize_kwargs(cfg, server_round),
+    )
 
 
 def parse_quantiles(text: str) -> list[float]:

@@ -30,7 +30,6 @@ app = ServerApp()
 ARRAYRECORD_KEY, METRICRECORD_KEY, WEIGHTED_BY_KEY = "arrays", "metrics", "num-examples"
 #: The prompt array in the ArrayRecord, and the metric each reply reports its partition under.
 PROMPT_ARRAY, CLIENT_ID_KEY = "ctx", "partition-id"
-#: Aggregated training metrics the evaluation records.
 #: Aggregated training metrics written to ``metrics.jsonl`` (``*``: a prefix: the server's own fusion and bounds).
 RECORDED_METRICS = ("train-loss", "train-acc", "rejected-replies", "fusion-*", "bound-*")
 

@@ -142,7 +142,8 @@ def _bounds_key(cfg) -> list:
         return []
     keys = ("bounds-layers", "bounds-granularity", "bounds-init-quantile", "bounds-two-sided", "bounds-tune")
     if str(cfg.get("bounds-tune")) != "none":
-        keys += ("bounds-tune-quantiles", "bounds-tune-tolerance", "bounds-steps", "bounds-trim")
+        keys += ("bounds-tune-quantiles", "bounds-tune-tolerance", "bounds-steps", "bounds-lr", "bounds-penalty",
+                 "bounds-loss", "bounds-batch-size", "bounds-trim")  # fmt: skip
     return ["under-bounds", *(cfg.get(k) for k in keys)]
 
 
@@ -157,8 +158,8 @@ def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | Non
     surrogate to guess the quantile the server will choose. Layers of a learner the attacker
     does not model (``adapter.*``) are skipped.
     """
-    from fedsec.activation_bounds import class_halves, init_bounds, match_layer, tune_quantile
-    from fedsec.bounds_clip import parse_quantiles
+    from fedsec.activation_bounds import init_bounds, match_layer
+    from fedsec.bounds_clip import tune_from_config
 
     root = model.bound_root()
     names = [n for n, _ in root.named_modules() if n]
@@ -168,26 +169,8 @@ def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | Non
         return None
     quantile = float(cfg.get("bounds-init-quantile"))
     granularity, two_sided = str(cfg.get("bounds-granularity")), bool(cfg.get("bounds-two-sided"))
-    if str(cfg.get("bounds-tune")) == "holdout" and labels is not None:
-        quantile, _ = tune_quantile(
-            root,
-            model.encode_images,
-            model,
-            images,
-            labels.cpu(),
-            class_halves(labels.cpu(), cfg.seed * 7_919 + 1),
-            layers,
-            parse_quantiles(str(cfg.get("bounds-tune-quantiles"))),
-            float(cfg.get("bounds-tune-tolerance")),
-            granularity=granularity,
-            two_sided=two_sided,
-            channel_dim=-1,
-            steps=int(cfg.get("bounds-steps")),
-            lr=float(cfg.get("bounds-lr")),
-            penalty=float(cfg.get("bounds-penalty")),
-            batch_size=int(cfg.get("bounds-batch-size")),
-            trim=float(cfg.get("bounds-trim")),
-        )
+    if str(cfg.get("bounds-tune")) == "holdout" and labels is not None:  # the server's round-1 procedure
+        quantile, _ = tune_from_config(cfg, root, model.encode_images, model, images, labels, layers, server_round=1)
     return init_bounds(
         root, model.encode_images, images, layers, granularity, quantile, two_sided=two_sided, channel_dim=-1
     )
