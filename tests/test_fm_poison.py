@@ -68,3 +68,40 @@ def test_bad_fm_poison_configs_give_one_clear_error(values, message):
 def test_client_side_attacks_still_need_malicious_clients():
     with pytest.raises(ConfigError, match=r"attack='badnets' needs num-malicious >= 1"):
         RunConfig.from_mapping({"attack": "badnets", "num-malicious": 0})
+
+
+@pytest.mark.parametrize("learner", ["vpt-deep", "clip-adapter"])
+def test_the_learner_surrogate_fits_the_patch_through_the_federations_own_learner(tmp_path, monkeypatch, learner):
+    # Prepare: the white-box FM attacker that models the run's learner; record the surrogate it builds and
+    # its learned arrays before the optimisation
+    import fedsec.models.learners as learners
+    from fedsec.attacks.fm_poison import FM_TRIGGERS
+
+    monkeypatch.setenv("FEDSEC_CACHE_DIR", str(tmp_path / "cache"))
+    built, build = [], learners.build_learner
+
+    def recording(cfg, model):
+        out = build(cfg, model)
+        built.append((out, {k: v.detach().clone() for k, v in out.learned().items()}))
+        return out
+
+    monkeypatch.setattr(learners, "build_learner", recording)
+    common = {**BASE, "fm-trigger": "optimized", "fm-trigger-steps": 3, "patch-size": 4, "learner": learner}
+    images = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10).repeat(2)
+
+    # Execute
+    theirs = FM_TRIGGERS.get("optimized")(
+        RunConfig.from_mapping({**common, "fm-trigger-surrogate": "learner"}), images, labels, 0
+    )
+    coop = FM_TRIGGERS.get("optimized")(RunConfig.from_mapping(common), images, labels, 0)
+
+    # Assert: one surrogate, the run's learner, whose every learned array (the image path's included) moved;
+    # the default surrogate builds no learner and fits a different patch (two cache entries)
+    assert len(built) == 1
+    model, before = built[0]
+    image_path = {"vpt-deep": "vpt", "clip-adapter": "adapter-down"}[learner]
+    assert image_path in before
+    assert all(not torch.equal(before[k], v.detach()) for k, v in model.learned().items())
+    assert not torch.allclose(torch.as_tensor(theirs.state()["patch"]), torch.as_tensor(coop.state()["patch"]))
+    assert len(list((tmp_path / "cache" / "fm-trigger").glob("*.pt"))) == 2

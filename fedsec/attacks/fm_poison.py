@@ -75,6 +75,13 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
     on the same images), clean images only, and optimises the patch and its surrogate
     through those clamps (:func:`attacker_bounds`), so the trigger works inside the
     activation range the defense allows.
+
+    ``fm-trigger-surrogate`` says what the attacker models of the federation: ``coop``
+    (default) a CoOp prompt on the frozen CLIP, whatever the federation's learner;
+    ``learner`` the federation's own learner (``learner`` and its keys, a stronger
+    white-box attacker that knows the app's configuration), whose every learned array
+    (visual prompt tokens, adapter weights, ``ctx``) is optimised with the patch through
+    the learner's image path, so the patch is fitted to what that learner does with it.
     """
     from fedsec.data import load_dataset
     from fedsec.node import clip_for
@@ -104,6 +111,7 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
             len(images),
             float(images.sum()),
             *_bounds_key(cfg),
+            *_surrogate_key(cfg),
         ]
     )
     cache = Path(os.environ.get("FEDSEC_CACHE_DIR", Path.home() / ".cache" / "fedsec")) / "fm-trigger"
@@ -112,19 +120,35 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
         return trigger_from_dict(torch.load(path, weights_only=False))
     names = load_dataset(cfg.dataset, "test", cfg.data_root).classnames  # the FM is prompted with them
     model = build_prompt_model(cfg, clip, names)
-    surrogate = model.prompt_learner
+    as_learner = str(cfg.get("fm-trigger-surrogate")) == "learner"
+    if as_learner:
+        from fedsec.models.learners import build_learner
+
+        model = build_learner(cfg, model)
+        surrogate = list(model.learned().values())
+    else:
+        surrogate = [model.prompt_learner.ctx]
     trigger = PatchTrigger(image_size, size, int(cfg.get("patch-top")), int(cfg.get("patch-left")), seed=seed)
-    opt = torch.optim.Adam([*trigger.parameters(), surrogate.ctx], lr=lr)
+    opt = torch.optim.Adam([*trigger.parameters(), *surrogate], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     clamps = attacker_bounds(cfg, model, images, labels) if bool(cfg.get("attack-under-bounds")) else None
-    with bounded(model.bound_root(), clamps):
-        feats = clip.encode_images_batched(images)
+    feats = None
+    if not as_learner:  # the frozen encoder's features: fixed, computed once
+        with bounded(model.bound_root(), clamps):
+            feats = clip.encode_images_batched(images)
     target = torch.full((32,), int(cfg.target_label), dtype=torch.long)
-    log(INFO, "[fedsec] fm-poison: optimising the trigger (%d steps%s)", steps, ", under bounds" if clamps else "")
+    log(
+        INFO,
+        "[fedsec] fm-poison: optimising the trigger (%d steps, %s surrogate%s)",
+        steps,
+        cfg.learner if as_learner else "coop",
+        ", under bounds" if clamps else "",
+    )
     for _ in range(steps):
         idx = torch.randperm(len(images), generator=gen)[:32]
         with bounded(model.bound_root(), clamps):
-            loss = F.cross_entropy(model.logits_from_features(feats[idx]), labels[idx]) + lam * F.cross_entropy(
+            clean = model(images[idx]) if feats is None else model.logits_from_features(feats[idx])
+            loss = F.cross_entropy(clean, labels[idx]) + lam * F.cross_entropy(
                 model(trigger(images[idx])), target[: len(idx)]
             )
         opt.zero_grad(set_to_none=True)
@@ -145,6 +169,16 @@ def _bounds_key(cfg) -> list:
         keys += ("bounds-tune-quantiles", "bounds-tune-tolerance", "bounds-steps", "bounds-lr", "bounds-penalty",
                  "bounds-loss", "bounds-batch-size", "bounds-trim")  # fmt: skip
     return ["under-bounds", *(cfg.get(k) for k in keys)]
+
+
+def _surrogate_key(cfg) -> list:
+    """The learner settings a ``learner`` surrogate's trigger depends on (nothing for the default ``coop``)."""
+    if str(cfg.get("fm-trigger-surrogate")) != "learner":
+        return []
+    from fedsec.models.learners import LEARNERS
+
+    keys = [p.key for p in LEARNERS.component(cfg.learner).params]
+    return ["surrogate-learner", cfg.learner, cfg.seed, *(cfg.get(k) for k in keys)]
 
 
 def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | None = None):
@@ -196,6 +230,13 @@ def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | Non
         Param("fm-trigger-steps", 150, "Adam steps of the optimised trigger", range=(0, None)),
         Param("fm-backdoor-weight", 2.0, "weight of CE(target | patch(x)) when optimising it", range=(0.0, None)),
         Param("fm-trigger-lr", 0.05, "learning rate of the optimised trigger", range=(0.0, None)),
+        Param(
+            "fm-trigger-surrogate",
+            "coop",
+            "what the optimised trigger's attacker models of the federation: coop (a CoOp prompt on the frozen "
+            "CLIP) or learner (the run's own learner, trained with the patch through its image path)",
+            choices=("coop", "learner"),
+        ),
         *PATCH_PARAMS,
         BLEND_ALPHA,
     ),
