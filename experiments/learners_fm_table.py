@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 
 GRIDS = ("learners_fm", "learners_fm_optimized", "learners_fm_adapter", "learners_fm_adaptive")
-COLUMNS = ("grid", "learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr",
-           "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
+COLUMNS = ("grid", "learner", "attack", "trigger", "adaptive", "strategy", "fusion", "seed", "defense", "clean_acc",
+           "asr", "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
            "trigger_zs_asr", "rounds", "run")  # fmt: skip
 
 
@@ -40,6 +40,18 @@ def defense_name(cfg: dict) -> str:
     return f"{name}, q {cfg.get('bounds-init-quantile', 1.0):g}"
 
 
+def trigger_name(cfg: dict) -> str:
+    """fm-poison's trigger, its surrogate (optimised) and its labels (dirty / clean-label); ``-`` otherwise."""
+    if cfg.get("attack") != "fm-poison":
+        return "-"
+    name = str(cfg.get("fm-trigger", "patch"))
+    if name == "optimized" and cfg.get("fm-trigger-surrogate", "coop") != "coop":
+        name += f" ({cfg['fm-trigger-surrogate']} surrogate)"
+    if cfg.get("fm-poison-label", "dirty") == "clean":
+        name += ", clean-label"
+    return name
+
+
 def row_of(grid: str, run: Path) -> dict | None:
     """The table row of a finished run, or ``None``."""
     if not (run / "summary.json").exists():
@@ -55,8 +67,11 @@ def row_of(grid: str, run: Path) -> dict | None:
         "grid": grid,
         "learner": cfg.get("learner", "coop"),
         "attack": cfg.get("attack"),
-        "trigger": cfg.get("fm-trigger") if cfg.get("attack") == "fm-poison" else "-",
+        "trigger": trigger_name(cfg),
         "adaptive": bool(cfg.get("attack-under-bounds", False)),
+        "strategy": cfg.get("strategy", "fedavg"),
+        "fusion": cfg.get("server-fusion", "none"),
+        "seed": cfg.get("seed", 0),
         "defense": defense_name(cfg),
         "clean_acc": pct(last["clean_acc"]),
         "asr": pct(last.get("asr")),
@@ -92,15 +107,26 @@ def main(argv: list[str] | None = None) -> None:
         row = row_of(grid, run)
         (out.append(row) if row else missing.append(str(run)))
     order = {"coop": 0, "clip-adapter": 1, "vpt-deep": 2}
-    out.sort(key=lambda r: (order.get(r["learner"], 9), r["attack"], r["trigger"], r["adaptive"], r["defense"]))
+    out.sort(
+        key=lambda r: (
+            order.get(r["learner"], 9),
+            r["attack"],
+            r["trigger"],
+            r["adaptive"],
+            r["strategy"],
+            r["defense"],
+            r["seed"],
+        )  # fmt: skip
+    )
     stem = Path(a.out)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(out)
     fmt = lambda v: "-" if v is None else (f"{v}%" if isinstance(v, float) else str(v))  # noqa: E731
-    head = ("learner", "attack", "trigger", "adaptive", "defense", "clean_acc", "asr", "clean_acc_nobounds",
-            "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds", "trigger_zs_asr", "run")  # fmt: skip
+    head = ("learner", "attack", "trigger", "adaptive", "strategy", "fusion", "seed", "defense", "clean_acc", "asr",
+            "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
+            "trigger_zs_asr", "run")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out:
         cost = ("bounds_cost", "max_round_cost")
