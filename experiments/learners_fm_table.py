@@ -21,8 +21,8 @@ from pathlib import Path
 
 GRIDS = ("learners_fm", "learners_fm_optimized", "learners_fm_adapter", "learners_fm_adaptive")
 COLUMNS = ("grid", "learner", "attack", "trigger", "adaptive", "strategy", "fusion", "seed", "defense", "clean_acc",
-           "asr", "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
-           "trigger_zs_asr", "rounds", "run")  # fmt: skip
+           "asr", "peak_asr", "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost",
+           "asr_raised_rounds", "trigger_zs_asr", "rounds", "run")  # fmt: skip
 
 
 def defense_name(cfg: dict) -> str:
@@ -75,6 +75,7 @@ def row_of(grid: str, run: Path) -> dict | None:
         "defense": defense_name(cfg),
         "clean_acc": pct(last["clean_acc"]),
         "asr": pct(last.get("asr")),
+        "peak_asr": pct(max((r["asr"] for r in rows if r.get("asr") is not None), default=None)),
         "clean_acc_nobounds": pct(last.get("clean_acc_nobounds")) if bounded else None,
         "asr_nobounds": pct(last.get("asr_nobounds")) if bounded else None,
         "bounds_cost": round(100 * (last["clean_acc_nobounds"] - last["clean_acc"]), 1) if bounded else None,
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(out)
     fmt = lambda v: "-" if v is None else (f"{v}%" if isinstance(v, float) else str(v))  # noqa: E731
     head = ("learner", "attack", "trigger", "adaptive", "strategy", "fusion", "seed", "defense", "clean_acc", "asr",
-            "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
+            "peak_asr", "clean_acc_nobounds", "asr_nobounds", "bounds_cost", "max_round_cost", "asr_raised_rounds",
             "trigger_zs_asr", "run")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out:
