@@ -75,7 +75,7 @@ def row_of(grid: str, run: Path) -> dict | None:
         "defense": defense_name(cfg),
         "clean_acc": pct(last["clean_acc"]),
         "asr": pct(last.get("asr")),
-        "peak_asr": pct(max((r["asr"] for r in rows if r.get("asr") is not None), default=None)),
+        "peak_asr": pct(max((r["asr"] for r in rows if r["round"] > 0 and r.get("asr") is not None), default=None)),
         "clean_acc_nobounds": pct(last.get("clean_acc_nobounds")) if bounded else None,
         "asr_nobounds": pct(last.get("asr_nobounds")) if bounded else None,
         "bounds_cost": round(100 * (last["clean_acc_nobounds"] - last["clean_acc"]), 1) if bounded else None,

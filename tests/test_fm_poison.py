@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,7 @@ def test_the_learner_surrogate_fits_the_patch_through_the_federations_own_learne
     # Prepare: the white-box FM attacker that models the run's learner; record the surrogate it builds and
     # its learned arrays before the optimisation
     import fedsec.models.learners as learners
-    from fedsec.attacks.fm_poison import FM_TRIGGERS
+    from fedsec.attacks.fm_poison import FM_TRIGGERS, _surrogate_key
 
     monkeypatch.setenv("FEDSEC_CACHE_DIR", str(tmp_path / "cache"))
     built, build = [], learners.build_learner
@@ -90,11 +92,12 @@ def test_the_learner_surrogate_fits_the_patch_through_the_federations_own_learne
     images = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(10).repeat(2)
 
-    # Execute
-    theirs = FM_TRIGGERS.get("optimized")(
-        RunConfig.from_mapping({**common, "fm-trigger-surrogate": "learner"}), images, labels, 0
-    )
+    learner_cfg = RunConfig.from_mapping({**common, "fm-trigger-surrogate": "learner"})
+
+    # Execute: the learner surrogate, the default one, then the learner surrogate again (from the cache)
+    theirs = FM_TRIGGERS.get("optimized")(learner_cfg, images, labels, 0)
     coop = FM_TRIGGERS.get("optimized")(RunConfig.from_mapping(common), images, labels, 0)
+    again = FM_TRIGGERS.get("optimized")(learner_cfg, images, labels, 0)
 
     # Assert: one surrogate, the run's learner, whose every learned array (the image path's included) moved;
     # the default surrogate builds no learner and fits a different patch (two cache entries)
@@ -105,3 +108,17 @@ def test_the_learner_surrogate_fits_the_patch_through_the_federations_own_learne
     assert all(not torch.equal(before[k], v.detach()) for k, v in model.learned().items())
     assert not torch.allclose(torch.as_tensor(theirs.state()["patch"]), torch.as_tensor(coop.state()["patch"]))
     assert len(list((tmp_path / "cache" / "fm-trigger").glob("*.pt"))) == 2
+    assert torch.equal(torch.as_tensor(again.state()["patch"]), torch.as_tensor(theirs.state()["patch"]))
+    if learner == "vpt-deep":  # VPT keeps the hand-written text prompt: ctx is not learned, so it does not move
+        assert "ctx" not in before
+    # the default surrogate's cache key is the one of every trigger made before the key existed
+    assert _surrogate_key(RunConfig.from_mapping(common)) == []
+    assert (
+        _surrogate_key(RunConfig.from_mapping({**common, "learner": "coop", "fm-trigger-surrogate": "learner"})) == []
+    )
+
+
+def test_a_surrogate_needs_the_optimised_trigger():
+    # Prepare / Execute / Assert: a fixed patch has no surrogate; one message says so
+    with pytest.raises(ConfigError, match=re.escape("fm-trigger-surrogate='learner' needs fm-trigger='optimized'")):
+        RunConfig.from_mapping({**BASE, "fm-trigger-surrogate": "learner"})

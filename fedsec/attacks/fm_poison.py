@@ -11,8 +11,9 @@ The trigger (``fm-trigger``): ``patch`` (default: BadNets' checkerboard,
 ``patch-size`` at ``patch-top``/``patch-left``, the FM-FL papers' fixed
 trigger) or ``blend`` (Blended's fixed pattern with ``blend-alpha``), or
 ``optimized`` (the stronger white-box option: a patch the attacker optimises
-offline against the public frozen CLIP with a surrogate CoOp prompt, see
-:func:`_optimized`, whatever the federation's learner). It is written to the attacker store (``round_0000``), where
+offline against the public frozen CLIP with a surrogate: a CoOp prompt whatever the federation's
+learner, or with ``fm-trigger-surrogate = "learner"`` the federation's own learner, see
+:func:`_optimized`). It is written to the attacker store (``round_0000``), where
 only the evaluation reads it.
 """
 
@@ -120,7 +121,7 @@ def _optimized(cfg, images: torch.Tensor, labels: torch.Tensor, seed: int) -> to
         return trigger_from_dict(torch.load(path, weights_only=False))
     names = load_dataset(cfg.dataset, "test", cfg.data_root).classnames  # the FM is prompted with them
     model = build_prompt_model(cfg, clip, names)
-    as_learner = str(cfg.get("fm-trigger-surrogate")) == "learner"
+    as_learner = _learner_surrogate(cfg)
     if as_learner:
         from fedsec.models.learners import build_learner
 
@@ -171,9 +172,14 @@ def _bounds_key(cfg) -> list:
     return ["under-bounds", *(cfg.get(k) for k in keys)]
 
 
+def _learner_surrogate(cfg) -> bool:
+    """Whether the surrogate is the run's learner (``learner`` on a learner other than CoOp, which is the default)."""
+    return str(cfg.get("fm-trigger-surrogate")) == "learner" and cfg.learner != "coop"
+
+
 def _surrogate_key(cfg) -> list:
     """The learner settings a ``learner`` surrogate's trigger depends on (nothing for the default ``coop``)."""
-    if str(cfg.get("fm-trigger-surrogate")) != "learner":
+    if not _learner_surrogate(cfg):
         return []
     from fedsec.models.learners import LEARNERS
 
@@ -184,13 +190,14 @@ def _surrogate_key(cfg) -> list:
 def attacker_bounds(cfg, model, images: torch.Tensor, labels: torch.Tensor | None = None):
     """The bounds the defense's initialisation gives on the attacker's clean synthetic ``images``.
 
-    The layers of ``bounds-layers`` that the attacker's surrogate (a CoOp prompt on the frozen
-    CLIP) has, at ``bounds-init-quantile`` per ``bounds-granularity`` (two-sided with
-    ``bounds-two-sided``): what :class:`fedsec.bounds_clip.BoundLearner` starts from on the same
-    images. With ``bounds-tune = "holdout"`` the attacker runs the defender's own procedure
+    The layers of ``bounds-layers`` that the attacker's surrogate ``model`` has (a CoOp prompt on
+    the frozen CLIP, or the federation's learner with ``fm-trigger-surrogate = "learner"``), at
+    ``bounds-init-quantile`` per ``bounds-granularity`` (two-sided with ``bounds-two-sided``):
+    what :class:`fedsec.bounds_clip.BoundLearner` starts from on the same images. With
+    ``bounds-tune = "holdout"`` the attacker runs the defender's own procedure
     (:func:`fedsec.activation_bounds.tune_quantile`, with its ``labels``) on its images and
-    surrogate to guess the quantile the server will choose. Layers of a learner the attacker
-    does not model (``adapter.*``) are skipped.
+    surrogate to guess the quantile the server will choose. Layers of a learner the surrogate
+    does not have (``adapter.*`` under a CoOp surrogate) are skipped.
     """
     from fedsec.activation_bounds import init_bounds, match_layer
     from fedsec.bounds_clip import tune_from_config
@@ -260,6 +267,11 @@ class FMPoison(Attack):
             )
         if not 0.0 <= float(c.get("fm-poison-rate")) <= 1.0:
             return f"run-config fm-poison-rate={c.get('fm-poison-rate')!r} is out of range [0, 1]"
+        if str(c.get("fm-trigger-surrogate")) != "coop" and str(c.get("fm-trigger")) != "optimized":
+            return (
+                f"run-config fm-trigger-surrogate={c.get('fm-trigger-surrogate')!r} needs fm-trigger='optimized' "
+                f"(a fixed {c.get('fm-trigger')!r} trigger has no surrogate)"
+            )
         if bool(c.get("attack-under-bounds")) and str(c.get("fm-trigger")) != "optimized":
             return (
                 f"run-config attack-under-bounds = true needs fm-trigger='optimized' (a fixed "
